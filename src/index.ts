@@ -1,0 +1,2 @@
+export * from './kernel/vfio/index.js';
+export * from './uapi/index.js';

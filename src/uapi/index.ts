@@ -1,0 +1,4 @@
+export * from './device-feature.js';
+export * from './errno.js';
+export * from './error.js';
+export * from './migration.js';
