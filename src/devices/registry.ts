@@ -1,0 +1,8 @@
+import type { SampleDeviceFactory } from './sample-device.js';
+
+/** The sample devices softvfio ships, by type name. */
+export const sampleDeviceFactories: readonly SampleDeviceFactory[] = [];
+
+export function sampleDeviceFactory(type: string): SampleDeviceFactory | undefined {
+  return sampleDeviceFactories.find((f) => f.type === type);
+}
