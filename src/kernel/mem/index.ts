@@ -1,0 +1,2 @@
+export * from './phys-memory.js';
+export * from './simd-checksum.js';
