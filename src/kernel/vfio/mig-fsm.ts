@@ -17,7 +17,7 @@ const { RUNNING_P2P: RP2P, PRE_COPY: PC, PRE_COPY_P2P: PCP2P } = MigState;
  * number (ERROR=0 … PRE_COPY_P2P=7). Devices with fewer features skip unsupported states by
  * following the table again from the skipped state (see nextMigrationState).
  */
-// biome-ignore format: keep the table readable
+// prettier-ignore
 const FSM: readonly (readonly MigState[])[] = [
   /*             ERROR  STOP   RUN    SC     RES    RP2P   PC     PCP2P */
   /* ERROR */   [ERR,   ERR,   ERR,   ERR,   ERR,   ERR,   ERR,   ERR],
