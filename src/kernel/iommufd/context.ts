@@ -150,7 +150,7 @@ export class IommufdContext {
 
   ioas(id: number, op: string): IoasObject {
     const obj = this.#get(id);
-    if (!obj || obj.kind !== 'ioas') throw kernelError('ENOENT', `no IOAS ${id}`, { op });
+    if (obj?.kind !== 'ioas') throw kernelError('ENOENT', `no IOAS ${id}`, { op });
     return obj;
   }
 
@@ -466,7 +466,7 @@ export class IommufdContext {
 
   #device(id: number, op: string): DeviceObject {
     const obj = this.#get(id);
-    if (!obj || obj.kind !== 'device') throw kernelError('ENOENT', `no device ${id}`, { op });
+    if (obj?.kind !== 'device') throw kernelError('ENOENT', `no device ${id}`, { op });
     return obj;
   }
 

@@ -26,6 +26,9 @@ function roundupPow2(n: bigint): bigint {
   return p;
 }
 
+const maxU64 = (a: bigint, b: bigint): bigint => (a > b ? a : b);
+const minU64 = (a: bigint, b: bigint): bigint => (a < b ? a : b);
+
 function lowestBit(n: bigint): bigint {
   return n & -n;
 }
@@ -312,8 +315,8 @@ export class IoPagetable {
     if (this.#allowed.length === 0) windows.push({ start: lo, last: hi });
     else {
       for (const w of this.#allowed) {
-        const start = w.start > lo ? w.start : lo;
-        const last = w.last < hi ? w.last : hi;
+        const start = maxU64(w.start, lo);
+        const last = minU64(w.last, hi);
         if (start <= last) windows.push({ start, last });
       }
     }
@@ -402,7 +405,7 @@ export class IoPagetable {
     while (true) {
       if (a < 0 || this.#iova[a]! > cur) throw kernelError('ENOENT', `IOVA 0x${cur.toString(16)} not mapped`);
       const aLast = this.#last[a]!;
-      const end = aLast < last ? aLast : last;
+      const end = minU64(aLast, last);
       elms.push({
         pagesId: this.#pid[a]!,
         offset: this.#off[a]! + (cur - this.#iova[a]!),

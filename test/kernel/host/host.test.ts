@@ -17,16 +17,28 @@ test('mmap regions are lazily backed, readable and writable', () => {
   assert.equal(p.mm.regionAt(va)!.store.residentBytes, 64 * 1024);
   assert.ok(p.mm.covers(va, 4n * GiB, true));
   assert.ok(!p.mm.covers(va, 4n * GiB + 4096n, false));
-  assert.throws(() => p.read(va - 4096n, out), (e) => isErrno(e, 'EFAULT'));
+  assert.throws(
+    () => p.read(va - 4096n, out),
+    (e) => isErrno(e, 'EFAULT'),
+  );
 });
 
 test('mmap at a fixed address: EEXIST on overlap, EINVAL misaligned; read-only regions', () => {
   const p = new Host().spawn();
   const va = p.mmap({ lengthBytes: 8192, at: 0x10000n, writable: false });
   assert.equal(va, 0x10000n);
-  assert.throws(() => p.mmap({ lengthBytes: 4096, at: 0x11000n }), (e) => isErrno(e, 'EEXIST'));
-  assert.throws(() => p.mmap({ lengthBytes: 4096, at: 0x10001n }), (e) => isErrno(e, 'EINVAL'));
-  assert.throws(() => p.write(va, new Uint8Array(1)), (e) => isErrno(e, 'EFAULT'));
+  assert.throws(
+    () => p.mmap({ lengthBytes: 4096, at: 0x11000n }),
+    (e) => isErrno(e, 'EEXIST'),
+  );
+  assert.throws(
+    () => p.mmap({ lengthBytes: 4096, at: 0x10001n }),
+    (e) => isErrno(e, 'EINVAL'),
+  );
+  assert.throws(
+    () => p.write(va, new Uint8Array(1)),
+    (e) => isErrno(e, 'EFAULT'),
+  );
   assert.ok(!p.mm.covers(va, 4096n, true));
   assert.ok(p.mm.covers(va, 4096n, false));
   p.munmap(va, 8192);
@@ -73,9 +85,15 @@ test('memfd: lazily backed, bounded by its size; fds lowest free; EBADF on bad c
   f.read(4095n, out);
   assert.deepEqual([...out], [0, 7]);
   assert.equal(f.store.residentBytes, 64 * 1024);
-  assert.throws(() => f.read((1n << 32n) - 1n, out), (e) => isErrno(e, 'EFAULT'));
+  assert.throws(
+    () => f.read((1n << 32n) - 1n, out),
+    (e) => isErrno(e, 'EFAULT'),
+  );
   assert.equal(p.memfdCreate(4096), 4);
   p.closeFd(3);
-  assert.throws(() => p.closeFd(3), (e) => isErrno(e, 'EBADF'));
+  assert.throws(
+    () => p.closeFd(3),
+    (e) => isErrno(e, 'EBADF'),
+  );
   assert.equal(p.memfdCreate(4096), 3);
 });
