@@ -1,0 +1,180 @@
+import { kernelError, VfioError } from '../../uapi/error.js';
+import { MemFile, type OpenFile } from './memfd.js';
+import { Mm, type MmapArgs } from './mm.js';
+
+export type Capability = 'CAP_IPC_LOCK' | 'CAP_SYS_RESOURCE';
+
+/** RLIM_INFINITY. */
+export const RLIM_INFINITY = (1n << 64n) - 1n;
+/** Default RLIMIT_MEMLOCK of a fresh process (8 MiB, as systemd sets it). */
+export const DEFAULT_MEMLOCK_BYTES = 8n * 1024n * 1024n;
+
+/** A uid's `user_struct`: the per-user pinned-page counter iommufd charges by default. */
+export class User {
+  readonly uid: number;
+  /** `user->locked_vm` (pages). */
+  lockedVm = 0;
+  constructor(uid: number) {
+    this.uid = uid;
+  }
+}
+
+export interface SpawnOptions {
+  uid?: number;
+  rlimitMemlockBytes?: bigint;
+  caps?: Iterable<Capability>;
+}
+
+/** A process: pid, uid, capabilities, RLIMIT_MEMLOCK, an mm and an fd table. */
+export class Process {
+  readonly host: Host;
+  readonly pid: number;
+  readonly user: User;
+  readonly caps: Set<Capability>;
+  rlimitMemlockBytes: bigint;
+  #mm: Mm;
+  #fds = new Map<number, OpenFile>();
+  #alive = true;
+
+  constructor(host: Host, pid: number, user: User, options: SpawnOptions, mm = new Mm()) {
+    this.host = host;
+    this.pid = pid;
+    this.user = user;
+    this.caps = new Set(options.caps ?? []);
+    this.rlimitMemlockBytes = options.rlimitMemlockBytes ?? DEFAULT_MEMLOCK_BYTES;
+    this.#mm = mm;
+  }
+
+  get uid(): number {
+    return this.user.uid;
+  }
+  get mm(): Mm {
+    return this.#mm;
+  }
+  get alive(): boolean {
+    return this.#alive;
+  }
+  /** RLIMIT_MEMLOCK in pages, as `rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT`. */
+  get memlockLimitPages(): number {
+    return Number(this.rlimitMemlockBytes >> 12n);
+  }
+
+  hasCap(cap: Capability): boolean {
+    return this.caps.has(cap);
+  }
+
+  #live(op: string): void {
+    if (!this.#alive) throw new VfioError('ERR_PROCESS_EXITED', `process ${this.pid} has exited`, { op });
+  }
+
+  mmap(args: MmapArgs): bigint {
+    this.#live('mmap');
+    return this.#mm.mmap(args);
+  }
+  munmap(va: bigint, lengthBytes: bigint | number): void {
+    this.#mm.munmap(va, lengthBytes);
+  }
+  read(va: bigint, target: Uint8Array): void {
+    this.#mm.read(va, target);
+  }
+  write(va: bigint, data: Uint8Array): void {
+    this.#mm.write(va, data);
+  }
+
+  /** memfd_create + ftruncate: a new lazily backed file open read-write; returns the fd. */
+  memfdCreate(sizeBytes: bigint | number, name?: string): number {
+    this.#live('memfd_create');
+    return this.installFd({ file: new MemFile(BigInt(sizeBytes), name), writable: true });
+  }
+
+  /** Installs an open file (received over SCM_RIGHTS, opened read-only, …) at the lowest free fd. */
+  installFd(open: OpenFile): number {
+    let fd = 3;
+    while (this.#fds.has(fd)) fd++;
+    this.#fds.set(fd, open);
+    return fd;
+  }
+
+  file(fd: number): OpenFile | undefined {
+    return this.#fds.get(fd);
+  }
+
+  closeFd(fd: number): void {
+    if (!this.#fds.delete(fd)) throw kernelError('EBADF', `fd ${fd} not open`, { op: 'close' });
+  }
+
+  /** fork(): a child with the same uid, caps, limit, open files and a private copy of the mm. */
+  fork(): Process {
+    this.#live('fork');
+    const child = this.host.adopt(
+      (pid) =>
+        new Process(
+          this.host,
+          pid,
+          this.user,
+          { caps: this.caps, rlimitMemlockBytes: this.rlimitMemlockBytes },
+          this.#mm.clone(),
+        ),
+    );
+    for (const [fd, open] of this.#fds) child.#fds.set(fd, open);
+    return child;
+  }
+
+  /** exec(): same pid and files, a brand-new empty mm; the old one is gone for new pins. */
+  exec(): void {
+    this.#live('exec');
+    this.#mm.alive = false;
+    this.#mm = new Mm();
+  }
+
+  /** exit(): the mm dies (pins already taken stay valid), files close, the pid is released. */
+  exit(): void {
+    if (!this.#alive) return;
+    this.#alive = false;
+    this.#mm.alive = false;
+    this.#fds.clear();
+    this.host.reap(this);
+  }
+}
+
+/** A software host: users by uid and processes by pid. */
+export class Host {
+  readonly #users = new Map<number, User>();
+  readonly #processes = new Map<number, Process>();
+  #nextPid = 1000;
+
+  user(uid: number): User {
+    let user = this.#users.get(uid);
+    if (!user) {
+      user = new User(uid);
+      this.#users.set(uid, user);
+    }
+    return user;
+  }
+
+  process(pid: number): Process | undefined {
+    return this.#processes.get(pid);
+  }
+
+  get processes(): IterableIterator<Process> {
+    return this.#processes.values();
+  }
+
+  spawn(options: SpawnOptions = {}): Process {
+    const user = this.user(options.uid ?? 1000);
+    return this.adopt((pid) => new Process(this, pid, user, options));
+  }
+
+  /** @internal allocates a pid and registers the process `make` builds. */
+  adopt(make: (pid: number) => Process): Process {
+    const pid = this.#nextPid++;
+    const process = make(pid);
+    this.#processes.set(pid, process);
+    return process;
+  }
+
+  /** @internal */
+  reap(process: Process): void {
+    this.#processes.delete(process.pid);
+  }
+}

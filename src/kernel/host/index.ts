@@ -1,0 +1,4 @@
+export * from './host.js';
+export * from './lazy-bytes.js';
+export * from './memfd.js';
+export * from './mm.js';

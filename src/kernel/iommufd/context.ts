@@ -1,0 +1,542 @@
+import { kernelError } from '../../uapi/error.js';
+import {
+  IOAS_MAP_FLAGS_ALL,
+  IoasMapFlag,
+  IommuOption,
+  IommuOptionOp,
+  type IovaRange,
+  U64_MAX,
+} from '../../uapi/iommufd.js';
+import type { Process } from '../host/host.js';
+import { AreaProt, IoPagetable, type PagesElm } from './io-pagetable.js';
+import { AccountMode, PagesTable } from './pages.js';
+
+export interface IoasObject {
+  readonly kind: 'ioas';
+  id: number;
+  readonly iopt: IoPagetable;
+  /** HWPTs and accesses holding this IOAS. */
+  users: number;
+}
+
+export interface HwptPagingObject {
+  readonly kind: 'hwpt_paging';
+  id: number;
+  readonly ioas: IoasObject;
+  readonly auto: boolean;
+  readonly devices: Set<DeviceObject>;
+}
+
+export interface DeviceObject {
+  readonly kind: 'device';
+  id: number;
+  readonly name: string;
+  readonly reservedIovaRanges: readonly IovaRange[];
+  hwpt: HwptPagingObject | undefined;
+}
+
+export type IommufdObject = IoasObject | HwptPagingObject | DeviceObject;
+
+export interface IoasMapArgs {
+  flags: number;
+  ioasId: number;
+  reserved?: number;
+  userVa: bigint;
+  length: bigint;
+  iova?: bigint;
+}
+export interface IoasMapFileArgs {
+  flags: number;
+  ioasId: number;
+  fd: number;
+  start: bigint;
+  length: bigint;
+  iova?: bigint;
+}
+export interface IoasCopyArgs {
+  flags: number;
+  dstIoasId: number;
+  srcIoasId: number;
+  length: bigint;
+  dstIova?: bigint;
+  srcIova: bigint;
+}
+export interface IoasUnmapArgs {
+  ioasId: number;
+  iova: bigint;
+  length: bigint;
+}
+export interface IoasIovaRangesArgs {
+  ioasId: number;
+  /** In: capacity of `allowedIovas`; out: total number of ranges. */
+  numIovas: number;
+  reserved?: number;
+  allowedIovas?: IovaRange[];
+  outIovaAlignment?: bigint;
+}
+export interface IoasAllowIovasArgs {
+  ioasId: number;
+  reserved?: number;
+  allowedIovas: IovaRange[];
+}
+export interface OptionArgs {
+  optionId: number;
+  op: number;
+  reserved?: number;
+  objectId: number;
+  val64: bigint;
+}
+
+/** Shared state of one open /dev/iommu: the object table, the pages, the accounting mode. */
+class IommufdState {
+  readonly objects = new Map<number, IommufdObject>();
+  readonly pages = new PagesTable();
+  accountMode: AccountMode;
+  readonly thp: boolean;
+  closed = false;
+
+  constructor(accountMode: AccountMode, thp: boolean) {
+    this.accountMode = accountMode;
+    this.thp = thp;
+  }
+
+  /** xa_alloc: the lowest free id from 1. */
+  add<T extends IommufdObject>(obj: T): T {
+    let id = 1;
+    while (this.objects.has(id)) id++;
+    obj.id = id;
+    this.objects.set(id, obj);
+    return obj;
+  }
+}
+
+/**
+ * An open iommufd (/dev/iommu). Methods are the ioctls; `caller` is `current` for each call (the
+ * opener by default; `as(process)` gives the same fd as seen from another process, e.g. after
+ * SCM_RIGHTS or for live update).
+ */
+export class IommufdContext {
+  readonly #s: IommufdState;
+  readonly caller: Process;
+
+  private constructor(state: IommufdState, caller: Process) {
+    this.#s = state;
+    this.caller = caller;
+  }
+
+  /** open("/dev/iommu"); `compat` = opened through /dev/vfio/vfio (RLIMIT_MODE starts at 1). */
+  static open(process: Process, options: { compat?: boolean; thp?: boolean } = {}): IommufdContext {
+    const mode = options.compat ? AccountMode.MM : AccountMode.USER;
+    return new IommufdContext(new IommufdState(mode, options.thp ?? true), process);
+  }
+
+  /** The same open file used by another process. */
+  as(process: Process): IommufdContext {
+    return new IommufdContext(this.#s, process);
+  }
+
+  /** For tests and diagnostics: the pages table of this context. */
+  get pagesTable(): PagesTable {
+    return this.#s.pages;
+  }
+
+  #live(): void {
+    if (this.#s.closed) throw kernelError('EBADF', 'iommufd is closed');
+  }
+
+  #get(id: number): IommufdObject | undefined {
+    return this.#s.objects.get(id);
+  }
+
+  ioas(id: number, op: string): IoasObject {
+    const obj = this.#get(id);
+    if (obj?.kind !== 'ioas') throw kernelError('ENOENT', `no IOAS ${id}`, { op });
+    return obj;
+  }
+
+  // ---- IOMMU_DESTROY ------------------------------------------------------------------------
+
+  destroy(args: { id: number }): void {
+    this.#live();
+    const obj = this.#get(args.id);
+    if (!obj) throw kernelError('ENOENT', `no object ${args.id}`, { op: 'DESTROY' });
+    if (obj.kind === 'ioas') {
+      if (obj.users > 0) throw kernelError('EBUSY', `IOAS ${obj.id} in use`, { op: 'DESTROY' });
+      obj.iopt.unmapAll();
+    } else if (obj.kind === 'hwpt_paging') {
+      if (obj.devices.size > 0) throw kernelError('EBUSY', `HWPT ${obj.id} has devices`, { op: 'DESTROY' });
+      this.#freeHwpt(obj);
+      return;
+    } else {
+      throw kernelError('EBUSY', `device ${obj.id} is owned by its VFIO device`, { op: 'DESTROY' });
+    }
+    this.#s.objects.delete(obj.id);
+  }
+
+  /** close(fd): everything destroyed leaf-first; pins released. */
+  close(): void {
+    if (this.#s.closed) return;
+    for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'device') this.unbindDevice(obj.id);
+    for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'hwpt_paging') this.#freeHwpt(obj);
+    for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'ioas') obj.iopt.unmapAll();
+    this.#s.objects.clear();
+    this.#s.closed = true;
+  }
+
+  // ---- IOAS ---------------------------------------------------------------------------------
+
+  ioasAlloc(args: { flags?: number } = {}): { outIoasId: number } {
+    this.#live();
+    if ((args.flags ?? 0) !== 0) throw kernelError('EOPNOTSUPP', 'unknown flags', { op: 'IOAS_ALLOC' });
+    const ioas = this.#s.add<IoasObject>({
+      kind: 'ioas',
+      id: 0,
+      iopt: new IoPagetable(this.#s.pages, { thp: this.#s.thp }),
+      users: 0,
+    });
+    return { outIoasId: ioas.id };
+  }
+
+  #mapChecks(flags: number, reserved: number, iova: bigint, length: bigint, op: string): number {
+    if ((flags & ~IOAS_MAP_FLAGS_ALL) !== 0 || reserved !== 0) {
+      throw kernelError('EOPNOTSUPP', 'unknown flags or reserved set', { op });
+    }
+    if (iova >= U64_MAX || length >= U64_MAX) throw kernelError('EOVERFLOW', 'iova/length too big', { op });
+    if ((flags & (IoasMapFlag.WRITEABLE | IoasMapFlag.READABLE)) === 0) {
+      throw kernelError('EINVAL', 'neither READABLE nor WRITEABLE', { op });
+    }
+    return (
+      (flags & IoasMapFlag.WRITEABLE ? AreaProt.WRITE : 0) |
+      (flags & IoasMapFlag.READABLE ? AreaProt.READ : 0)
+    );
+  }
+
+  #modeFor(process: Process): AccountMode {
+    if (process.hasCap('CAP_IPC_LOCK')) return AccountMode.NONE;
+    return this.#s.accountMode === AccountMode.MM ? AccountMode.MM : AccountMode.USER;
+  }
+
+  #mapNew(
+    ioas: IoasObject,
+    elm: { file?: import('../host/memfd.js').MemFile; start: bigint; length: bigint },
+    args: { flags: number; iova?: bigint },
+    prot: number,
+    op: string,
+  ): bigint {
+    const iopt = ioas.iopt;
+    const align = iopt.iovaAlignment;
+    if (elm.length === 0n || elm.length % align !== 0n) {
+      throw kernelError('EINVAL', 'length 0 or not a multiple of the IOVA alignment', { op });
+    }
+    if (elm.start + elm.length - 1n > U64_MAX)
+      throw kernelError('EOVERFLOW', 'source range overflows', { op });
+    const pagesId = this.#s.pages.alloc({
+      owner: this.caller,
+      ...(elm.file ? { file: elm.file } : {}),
+      start: elm.start,
+      length: elm.length,
+      writable: (prot & AreaProt.WRITE) !== 0,
+      mode: this.#modeFor(this.caller),
+    });
+    const fixed = (args.flags & IoasMapFlag.FIXED_IOVA) !== 0;
+    try {
+      const pagesElm: PagesElm = { pagesId, offset: 0n, length: elm.length };
+      return iopt.map([pagesElm], elm.length, fixed ? (args.iova ?? 0n) : undefined, prot, elm.start);
+    } catch (err) {
+      throw withOp(err, op);
+    } finally {
+      this.#s.pages.unref(pagesId);
+    }
+  }
+
+  /** IOMMU_IOAS_MAP: returns the IOVA (also written back to `args.iova`). */
+  ioasMap(args: IoasMapArgs): { iova: bigint } {
+    this.#live();
+    const op = 'IOAS_MAP';
+    const prot = this.#mapChecks(args.flags, args.reserved ?? 0, args.iova ?? 0n, args.length, op);
+    const ioas = this.ioas(args.ioasId, op);
+    const iova = this.#mapNew(ioas, { start: args.userVa, length: args.length }, args, prot, op);
+    args.iova = iova;
+    return { iova };
+  }
+
+  /** IOMMU_IOAS_MAP_FILE: source = the caller's open memfd `fd` from offset `start`. */
+  ioasMapFile(args: IoasMapFileArgs): { iova: bigint } {
+    this.#live();
+    const op = 'IOAS_MAP_FILE';
+    const prot = this.#mapChecks(args.flags, 0, args.iova ?? 0n, args.length, op);
+    const ioas = this.ioas(args.ioasId, op);
+    const open = this.caller.file(args.fd);
+    if (!open) throw kernelError('EBADF', `fd ${args.fd} not open`, { op });
+    if (prot & AreaProt.WRITE && !open.writable) {
+      throw kernelError('EPERM', 'WRITEABLE mapping of a file not open for write', { op });
+    }
+    const iova = this.#mapNew(
+      ioas,
+      { file: open.file, start: args.start, length: args.length },
+      args,
+      prot,
+      op,
+    );
+    args.iova = iova;
+    return { iova };
+  }
+
+  /** IOMMU_IOAS_COPY: new areas in dst sharing src's pages (no new pins for pinned pages). */
+  ioasCopy(args: IoasCopyArgs): { dstIova: bigint } {
+    this.#live();
+    const op = 'IOAS_COPY';
+    const dstIova = args.dstIova ?? 0n;
+    if (args.length >= U64_MAX || args.srcIova >= U64_MAX || dstIova >= U64_MAX) {
+      throw kernelError('EOVERFLOW', 'iova/length too big', { op });
+    }
+    const prot = this.#mapChecks(args.flags, 0, 0n, 0n, op);
+    const src = this.ioas(args.srcIoasId, op);
+    let elms: PagesElm[];
+    try {
+      elms = src.iopt.getPages(args.srcIova, args.length);
+    } catch (err) {
+      throw withOp(err, op);
+    }
+    const dst = this.ioas(args.dstIoasId, op);
+    const fixed = (args.flags & IoasMapFlag.FIXED_IOVA) !== 0;
+    const first = elms[0]!;
+    const addr = this.#s.pages.start(first.pagesId) + first.offset;
+    try {
+      const iova = dst.iopt.map(elms, args.length, fixed ? dstIova : undefined, prot, addr);
+      args.dstIova = iova;
+      return { dstIova: iova };
+    } catch (err) {
+      throw withOp(err, op);
+    }
+  }
+
+  /** IOMMU_IOAS_UNMAP: returns (and writes back) the number of bytes unmapped. */
+  ioasUnmap(args: IoasUnmapArgs): { length: bigint } {
+    this.#live();
+    const op = 'IOAS_UNMAP';
+    const ioas = this.ioas(args.ioasId, op);
+    let length: bigint;
+    try {
+      if (args.iova === 0n && args.length === U64_MAX) length = ioas.iopt.unmapAll();
+      else {
+        if (args.iova >= U64_MAX || args.length >= U64_MAX)
+          throw kernelError('EOVERFLOW', 'iova/length too big');
+        if (args.length === 0n) throw kernelError('EINVAL', 'length 0');
+        const last = args.iova + args.length - 1n;
+        if (last > U64_MAX) throw kernelError('EOVERFLOW', 'iova + length overflows');
+        length = ioas.iopt.unmapRange(args.iova, last);
+      }
+    } catch (err) {
+      throw withOp(err, op);
+    }
+    args.length = length;
+    return { length };
+  }
+
+  /** IOMMU_IOAS_IOVA_RANGES: fills `allowedIovas` up to `numIovas`, EMSGSIZE if more exist. */
+  ioasIovaRanges(args: IoasIovaRangesArgs): IoasIovaRangesArgs {
+    this.#live();
+    const op = 'IOAS_IOVA_RANGES';
+    if ((args.reserved ?? 0) !== 0) throw kernelError('EOPNOTSUPP', 'reserved set', { op });
+    const ioas = this.ioas(args.ioasId, op);
+    const ranges = ioas.iopt.usableRanges();
+    const capacity = args.numIovas;
+    args.allowedIovas = ranges.slice(0, capacity);
+    args.numIovas = ranges.length;
+    args.outIovaAlignment = ioas.iopt.iovaAlignment;
+    if (ranges.length > capacity) {
+      throw kernelError('EMSGSIZE', `${ranges.length} ranges, room for ${capacity}`, { op });
+    }
+    return args;
+  }
+
+  /** IOMMU_IOAS_ALLOW_IOVAS: atomically replaces the allowed list. */
+  ioasAllowIovas(args: IoasAllowIovasArgs): void {
+    this.#live();
+    const op = 'IOAS_ALLOW_IOVAS';
+    if ((args.reserved ?? 0) !== 0) throw kernelError('EOPNOTSUPP', 'reserved set', { op });
+    const ioas = this.ioas(args.ioasId, op);
+    const ranges: IovaRange[] = [];
+    for (const r of args.allowedIovas) {
+      if (r.start >= r.last) throw kernelError('EINVAL', 'range start >= last', { op });
+      if (ranges.some((o) => o.start <= r.last && r.start <= o.last)) {
+        throw kernelError('EINVAL', 'allowed ranges overlap', { op });
+      }
+      ranges.push({ start: r.start, last: r.last });
+    }
+    try {
+      ioas.iopt.setAllowed(ranges);
+    } catch (err) {
+      throw withOp(err, op);
+    }
+  }
+
+  /** IOMMU_IOAS_CHANGE_PROCESS: moves every pin charge to the caller; all areas must be MAP_FILE. */
+  ioasChangeProcess(args: { reserved?: number } = {}): void {
+    this.#live();
+    const op = 'IOAS_CHANGE_PROCESS';
+    if ((args.reserved ?? 0) !== 0) throw kernelError('EOPNOTSUPP', 'reserved set', { op });
+    const pages = this.#s.pages;
+    const todo = new Set<number>();
+    for (const obj of this.#s.objects.values()) {
+      if (obj.kind !== 'ioas') continue;
+      for (const a of obj.iopt.areas()) {
+        const id = obj.iopt.areaPages(a);
+        if (!pages.isFile(id)) throw kernelError('EINVAL', 'an area is not from MAP_FILE', { op });
+        if (pages.source(id).ownerMm !== this.caller.mm) todo.add(id);
+      }
+    }
+    const charged: [number, number][] = [];
+    try {
+      for (const id of todo) charged.push([id, pages.chargeNewOwner(id, this.caller)]);
+    } catch (err) {
+      for (const [id, src] of charged) pages.uncommitOwner(id, src);
+      throw withOp(err, op);
+    }
+    for (const [id, src] of charged) pages.commitOwner(id, src);
+  }
+
+  // ---- IOMMU_OPTION -------------------------------------------------------------------------
+
+  option(args: OptionArgs): OptionArgs {
+    this.#live();
+    const op = 'OPTION';
+    if ((args.reserved ?? 0) !== 0) throw kernelError('EOPNOTSUPP', 'reserved set', { op });
+    if (args.optionId === IommuOption.RLIMIT_MODE) {
+      if (args.objectId !== 0) throw kernelError('EOPNOTSUPP', 'RLIMIT_MODE is global', { op });
+      if (args.op === IommuOptionOp.GET) {
+        args.val64 = this.#s.accountMode === AccountMode.MM ? 1n : 0n;
+        return args;
+      }
+      if (args.op === IommuOptionOp.SET) {
+        if (!this.caller.hasCap('CAP_SYS_RESOURCE'))
+          throw kernelError('EPERM', 'needs CAP_SYS_RESOURCE', { op });
+        if (this.#s.objects.size > 0) throw kernelError('EBUSY', 'objects exist', { op });
+        if (args.val64 === 0n) this.#s.accountMode = AccountMode.USER;
+        else if (args.val64 === 1n) this.#s.accountMode = AccountMode.MM;
+        else throw kernelError('EINVAL', `bad RLIMIT_MODE ${args.val64}`, { op });
+        return args;
+      }
+      throw kernelError('EOPNOTSUPP', `unknown op ${args.op}`, { op });
+    }
+    if (args.optionId === IommuOption.HUGE_PAGES) {
+      const ioas = this.ioas(args.objectId, op);
+      if (args.op === IommuOptionOp.GET) {
+        args.val64 = ioas.iopt.disableLargePages ? 0n : 1n;
+        return args;
+      }
+      if (args.op === IommuOptionOp.SET) {
+        if (args.val64 === 0n) {
+          try {
+            ioas.iopt.disableLarge();
+          } catch (err) {
+            throw withOp(err, op);
+          }
+        } else if (args.val64 === 1n) ioas.iopt.disableLargePages = false;
+        else throw kernelError('EINVAL', `bad HUGE_PAGES ${args.val64}`, { op });
+        return args;
+      }
+      throw kernelError('EOPNOTSUPP', `unknown op ${args.op}`, { op });
+    }
+    throw kernelError('EOPNOTSUPP', `unknown option ${args.optionId}`, { op });
+  }
+
+  // ---- devices (minimal VFIO cdev bind/attach) ---------------------------------------------
+
+  /** VFIO_DEVICE_BIND_IOMMUFD: a DEVICE object; returns out_devid. */
+  bindDevice(args: { name: string; reservedIovaRanges?: IovaRange[] }): { outDevid: number } {
+    this.#live();
+    const dev = this.#s.add<DeviceObject>({
+      kind: 'device',
+      id: 0,
+      name: args.name,
+      reservedIovaRanges: args.reservedIovaRanges ?? [],
+      hwpt: undefined,
+    });
+    return { outDevid: dev.id };
+  }
+
+  /** Closing the VFIO device fd: detach, then the DEVICE object goes. */
+  unbindDevice(devId: number): void {
+    const dev = this.#device(devId, 'UNBIND');
+    if (dev.hwpt) this.detach({ devId });
+    this.#s.objects.delete(dev.id);
+  }
+
+  #device(id: number, op: string): DeviceObject {
+    const obj = this.#get(id);
+    if (obj?.kind !== 'device') throw kernelError('ENOENT', `no device ${id}`, { op });
+    return obj;
+  }
+
+  /**
+   * VFIO_DEVICE_ATTACH_IOMMUFD_PT to an IOAS (auto HWPT_PAGING, reused when one exists) or to a
+   * HWPT_PAGING. Attaching fills the domain: every area pinned (EFAULT/ENOMEM, undone on failure).
+   * Returns the HWPT id (`pt_id` out).
+   */
+  attachIoas(args: { devId: number; ptId: number }): { ptId: number } {
+    this.#live();
+    const op = 'ATTACH_IOMMUFD_PT';
+    const dev = this.#device(args.devId, op);
+    const target = this.#get(args.ptId);
+    if (!target || (target.kind !== 'ioas' && target.kind !== 'hwpt_paging')) {
+      throw kernelError('ENOENT', `no IOAS/HWPT ${args.ptId}`, { op });
+    }
+    if (dev.hwpt && (dev.hwpt === target || dev.hwpt.ioas === target)) return { ptId: dev.hwpt.id };
+    let hwpt: HwptPagingObject;
+    if (target.kind === 'hwpt_paging') hwpt = target;
+    else {
+      const existing = [...this.#s.objects.values()].find(
+        (o): o is HwptPagingObject => o.kind === 'hwpt_paging' && o.auto && o.ioas === target,
+      );
+      hwpt = existing ?? this.#newHwpt(target, true, dev, op);
+    }
+    const old = dev.hwpt;
+    if (old) this.detach({ devId: dev.id });
+    hwpt.devices.add(dev);
+    dev.hwpt = hwpt;
+    return { ptId: hwpt.id };
+  }
+
+  #newHwpt(ioas: IoasObject, auto: boolean, dev: DeviceObject, op: string): HwptPagingObject {
+    const hwpt: HwptPagingObject = { kind: 'hwpt_paging', id: 0, ioas, auto, devices: new Set() };
+    try {
+      ioas.iopt.addDomain(dev.reservedIovaRanges, hwpt);
+    } catch (err) {
+      throw withOp(err, op);
+    }
+    ioas.users++;
+    return this.#s.add(hwpt);
+  }
+
+  /** VFIO_DEVICE_DETACH_IOMMUFD_PT: an auto HWPT goes with its last device. */
+  detach(args: { devId: number }): void {
+    const dev = this.#device(args.devId, 'DETACH_IOMMUFD_PT');
+    const hwpt = dev.hwpt;
+    if (!hwpt) return;
+    hwpt.devices.delete(dev);
+    dev.hwpt = undefined;
+    if (hwpt.auto && hwpt.devices.size === 0) this.#freeHwpt(hwpt);
+  }
+
+  #freeHwpt(hwpt: HwptPagingObject): void {
+    hwpt.ioas.iopt.removeDomain(hwpt);
+    hwpt.ioas.users--;
+    this.#s.objects.delete(hwpt.id);
+  }
+
+  /** The IOAS a device currently reaches through its HWPT, if attached. */
+  deviceIoas(devId: number): IoasObject | undefined {
+    const obj = this.#get(devId);
+    return obj?.kind === 'device' ? obj.hwpt?.ioas : undefined;
+  }
+}
+
+function withOp(err: unknown, op: string): unknown {
+  if (err && typeof err === 'object' && 'errno' in err && (err as { op?: string }).op === undefined) {
+    const e = err as { errno: string; message: string };
+    return kernelError(e.errno as never, e.message, { op });
+  }
+  return err;
+}

@@ -1,0 +1,223 @@
+/**
+ * A compact B+tree from u64 keys (bigint) to int32 values: keys and values live in typed arrays
+ * inside 64-slot nodes, so a million entries cost a few tens of bytes each and no object per entry.
+ * Insert, delete and floor/ceil lookups are O(log n); leaves are linked for ordered scans.
+ *
+ * Deletion frees empty leaves (and empty inner nodes) but does not merge half-empty siblings: the
+ * height stays bounded by the largest size the map ever had, which is what an IOVA map needs.
+ */
+const B = 64;
+
+class Leaf {
+  readonly keys = new BigUint64Array(B);
+  readonly vals = new Int32Array(B);
+  n = 0;
+  next: Leaf | null = null;
+  prev: Leaf | null = null;
+  parent: Inner | null = null;
+}
+
+class Inner {
+  /** keys[i] separates children[i] (keys below) from children[i + 1] (keys at or above). */
+  readonly keys = new BigUint64Array(B);
+  children: (Leaf | Inner)[] = [];
+  parent: Inner | null = null;
+}
+
+function lowerBound(keys: BigUint64Array, n: number, key: bigint): number {
+  let lo = 0;
+  let hi = n;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (keys[mid]! < key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+function upperBound(keys: BigUint64Array, n: number, key: bigint): number {
+  let lo = 0;
+  let hi = n;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (keys[mid]! <= key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+export class OrderedU64Map {
+  #root: Leaf | Inner = new Leaf();
+  #size = 0;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  clear(): void {
+    this.#root = new Leaf();
+    this.#size = 0;
+  }
+
+  #leafFor(key: bigint): Leaf {
+    let node = this.#root;
+    while (node instanceof Inner) {
+      node = node.children[upperBound(node.keys, node.children.length - 1, key)]!;
+    }
+    return node;
+  }
+
+  /** The value stored at exactly `key`, or -1. */
+  get(key: bigint): number {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    return i < leaf.n && leaf.keys[i] === key ? leaf.vals[i]! : -1;
+  }
+
+  /** The value of the greatest key <= `key`, or -1. */
+  floor(key: bigint): number {
+    let leaf: Leaf | null = this.#leafFor(key);
+    let i = upperBound(leaf.keys, leaf.n, key) - 1;
+    if (i < 0) {
+      leaf = leaf.prev;
+      if (!leaf) return -1;
+      i = leaf.n - 1;
+    }
+    return leaf.vals[i]!;
+  }
+
+  /** The value of the least key >= `key`, or -1. */
+  ceil(key: bigint): number {
+    let leaf: Leaf | null = this.#leafFor(key);
+    let i = lowerBound(leaf.keys, leaf.n, key);
+    if (i === leaf.n) {
+      leaf = leaf.next;
+      i = 0;
+      if (!leaf) return -1;
+    }
+    return i < leaf.n ? leaf.vals[i]! : -1;
+  }
+
+  /**
+   * Calls `fn(key, value)` in ascending key order from the first key >= `from`, until it returns
+   * false. The map must not be changed during the scan.
+   */
+  scan(from: bigint, fn: (key: bigint, value: number) => boolean | undefined): void {
+    let leaf: Leaf | null = this.#leafFor(from);
+    let i = lowerBound(leaf.keys, leaf.n, from);
+    while (leaf) {
+      for (; i < leaf.n; i++) {
+        if (fn(leaf.keys[i]!, leaf.vals[i]!) === false) return;
+      }
+      leaf = leaf.next;
+      i = 0;
+    }
+  }
+
+  /** Inserts or replaces. */
+  set(key: bigint, value: number): void {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    if (i < leaf.n && leaf.keys[i] === key) {
+      leaf.vals[i] = value;
+      return;
+    }
+    this.#size++;
+    if (leaf.n < B) {
+      insertAt(leaf, i, key, value);
+      return;
+    }
+    const right = new Leaf();
+    if (i === B && leaf.next === null) {
+      // Appending at the far right (ascending inserts): start a new leaf, keep this one full.
+      insertAt(right, 0, key, value);
+    } else {
+      const mid = B >>> 1;
+      right.keys.set(leaf.keys.subarray(mid, B));
+      right.vals.set(leaf.vals.subarray(mid, B));
+      right.n = B - mid;
+      leaf.n = mid;
+      if (i <= mid) insertAt(leaf, i, key, value);
+      else insertAt(right, i - mid, key, value);
+    }
+    right.next = leaf.next;
+    if (right.next) right.next.prev = right;
+    right.prev = leaf;
+    leaf.next = right;
+    this.#insertIntoParent(leaf, right.keys[0]!, right);
+  }
+
+  #insertIntoParent(left: Leaf | Inner, sep: bigint, right: Leaf | Inner): void {
+    const parent = left.parent;
+    if (!parent) {
+      const root = new Inner();
+      root.children = [left, right];
+      root.keys[0] = sep;
+      left.parent = root;
+      right.parent = root;
+      this.#root = root;
+      return;
+    }
+    const idx = parent.children.indexOf(left);
+    const nkeys = parent.children.length - 1;
+    parent.keys.copyWithin(idx + 1, idx, nkeys);
+    parent.keys[idx] = sep;
+    parent.children.splice(idx + 1, 0, right);
+    right.parent = parent;
+    if (parent.children.length <= B) return;
+    // Split the inner node: B + 1 children, B keys.
+    const mid = (B + 1) >>> 1;
+    const sibling = new Inner();
+    sibling.children = parent.children.splice(mid);
+    sibling.keys.set(parent.keys.subarray(mid, B));
+    const up = parent.keys[mid - 1]!;
+    for (const child of sibling.children) child.parent = sibling;
+    this.#insertIntoParent(parent, up, sibling);
+  }
+
+  /** Removes `key`; returns whether it was there. */
+  delete(key: bigint): boolean {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    if (i >= leaf.n || leaf.keys[i] !== key) return false;
+    leaf.keys.copyWithin(i, i + 1, leaf.n);
+    leaf.vals.copyWithin(i, i + 1, leaf.n);
+    leaf.n--;
+    this.#size--;
+    if (leaf.n === 0 && leaf.parent) {
+      if (leaf.prev) leaf.prev.next = leaf.next;
+      if (leaf.next) leaf.next.prev = leaf.prev;
+      this.#removeChild(leaf);
+    }
+    return true;
+  }
+
+  #removeChild(node: Leaf | Inner): void {
+    const parent = node.parent!;
+    const idx = parent.children.indexOf(node);
+    const nkeys = parent.children.length - 1;
+    const k = idx > 0 ? idx - 1 : 0;
+    parent.keys.copyWithin(k, k + 1, nkeys);
+    parent.children.splice(idx, 1);
+    if (parent.children.length === 0) {
+      if (parent.parent) this.#removeChild(parent);
+      else this.clear();
+      return;
+    }
+    // Collapse a root with a single child.
+    let root = this.#root;
+    while (root instanceof Inner && root.children.length === 1) {
+      root = root.children[0]!;
+      root.parent = null;
+    }
+    this.#root = root;
+  }
+}
+
+function insertAt(leaf: Leaf, i: number, key: bigint, value: number): void {
+  leaf.keys.copyWithin(i + 1, i, leaf.n);
+  leaf.vals.copyWithin(i + 1, i, leaf.n);
+  leaf.keys[i] = key;
+  leaf.vals[i] = value;
+  leaf.n++;
+}

@@ -1,0 +1,75 @@
+/** iommufd uAPI numbers (include/uapi/linux/iommufd.h). */
+
+/** ioctl numbers: `_IO(';', nr)`. */
+export const IommufdCmd = {
+  DESTROY: 0x80,
+  IOAS_ALLOC: 0x81,
+  IOAS_ALLOW_IOVAS: 0x82,
+  IOAS_COPY: 0x83,
+  IOAS_IOVA_RANGES: 0x84,
+  IOAS_MAP: 0x85,
+  IOAS_UNMAP: 0x86,
+  OPTION: 0x87,
+  VFIO_IOAS: 0x88,
+  HWPT_ALLOC: 0x89,
+  GET_HW_INFO: 0x8a,
+  HWPT_SET_DIRTY_TRACKING: 0x8b,
+  HWPT_GET_DIRTY_BITMAP: 0x8c,
+  HWPT_INVALIDATE: 0x8d,
+  FAULT_QUEUE_ALLOC: 0x8e,
+  IOAS_MAP_FILE: 0x8f,
+  VIOMMU_ALLOC: 0x90,
+  VDEVICE_ALLOC: 0x91,
+  IOAS_CHANGE_PROCESS: 0x92,
+  VEVENTQ_ALLOC: 0x93,
+  HW_QUEUE_ALLOC: 0x94,
+} as const;
+
+/** `enum iommufd_ioas_map_flags`. */
+export const IoasMapFlag = {
+  FIXED_IOVA: 1,
+  WRITEABLE: 2,
+  READABLE: 4,
+} as const;
+export const IOAS_MAP_FLAGS_ALL = IoasMapFlag.FIXED_IOVA | IoasMapFlag.WRITEABLE | IoasMapFlag.READABLE;
+
+/** `enum iommufd_option`. */
+export const IommuOption = {
+  RLIMIT_MODE: 0,
+  HUGE_PAGES: 1,
+} as const;
+
+/** `enum iommufd_option_ops`. */
+export const IommuOptionOp = {
+  SET: 0,
+  GET: 1,
+} as const;
+
+/** `enum iommufd_hwpt_alloc_flags`. */
+export const HwptAllocFlag = {
+  NEST_PARENT: 1,
+  DIRTY_TRACKING: 2,
+  FAULT_ID_VALID: 4,
+  PASID: 8,
+} as const;
+
+/** `enum iommufd_hwpt_set_dirty_tracking_flags`. */
+export const HWPT_DIRTY_TRACKING_ENABLE = 1;
+/** `enum iommufd_hwpt_get_dirty_bitmap_flags`. */
+export const HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1;
+/** `enum iommu_hw_capabilities`. */
+export const IOMMU_HW_CAP_DIRTY_TRACKING = 1;
+
+/** u64 all-ones: ULONG_MAX on a 64-bit kernel. */
+export const U64_MAX = (1n << 64n) - 1n;
+/** The kernel's PAGE_SIZE (x86-64, arm64 4K). */
+export const PAGE_SIZE = 4096;
+export const PAGE_SIZE_N = 4096n;
+/** Transparent huge page size (x86-64 PMD). */
+export const HPAGE_SIZE_N = 2n * 1024n * 1024n;
+
+/** `struct iommu_iova_range`: inclusive bounds. */
+export interface IovaRange {
+  start: bigint;
+  last: bigint;
+}
