@@ -3,24 +3,31 @@
  * memory bandwidth (~14 GB/s here, against ~2.3 GB/s for zlib.crc32): device state and guest RAM
  * live in wasm memories so that integrity checks and digests cost little next to a copy.
  *
- * It is a Fletcher-style sum, not a cryptographic hash: four i32x4 accumulators A0..A3 take one
- * 16-byte lane group each of every 64-byte block (A_k += block[16k..16k+16)), a fifth B sums the
- * A's after every block (B += A_k), so reordered blocks and moved words change B. Accumulators
- * start from the seed, so leading zero blocks count. The result mixes all five vectors.
+ * It is a Fletcher-style sum, not a cryptographic hash. Each 64-byte block is four 16-byte lane
+ * groups of u32 words, zero-extended to u64 lanes: eight i64x2 accumulators A0..A7 sum them
+ * (A_j += extend(block part j)) and a ninth, B, sums the A's after every block (B += A_j), so moved
+ * words and reordered blocks change B. Sums are 64-bit, so carries are kept: every single-word
+ * change, and every pair of changed words in different blocks, changes the result (a 32-bit sum
+ * would lose 2^31 + 2^31). Accumulators start from the seed, so leading zero blocks count.
  *
  * The module is assembled here byte by byte (no toolchain needed). Its one function:
  *
  *   (import "m" "mem" (memory 1 65536 shared))
  *   (func (export "sum") (param $p i32) (param $n i32) (param $seed i32) (result i64)
- *     ;; $n is a multiple of 64; locals: $end i32, $a0..$a3 v128, $b v128
- *     $a0..$a3, $b = i32x4.splat($seed + k * 0x9e3779b9)
+ *     ;; $n is a multiple of 64; locals: $end i32, $a0..$a7 v128, $b v128, $r i64
+ *     $a_j = i64x2.splat(u64($seed) + (j+1) * GOLDEN); $b = i64x2.splat(u64($seed))
  *     $end = $p + $n
  *     loop while $p < $end (unsigned):
- *       for k in 0..3: $a_k = i32x4.add($a_k, v128.load offset=16k ($p)); $b = i32x4.add($b, $a_k)
+ *       for k in 0..3: $v = v128.load offset=16k ($p)
+ *         $a_2k = $a_2k + i64x2.extend_low_i32x4_u($v); $a_2k+1 = $a_2k+1 + i64x2.extend_high_i32x4_u($v)
+ *       $b = $b + (($a0 + $a1) + ($a2 + $a3)) + (($a4 + $a5) + ($a6 + $a7))
  *       $p += 64
- *     $h = i32x4.mul($a0, C0) + i32x4.mul($a1, C1) + i32x4.mul($a2, C2) + i32x4.mul($a3, C3) ^ $b
- *     return i64x2.extract_lane 0 ($h) + i64x2.extract_lane 1 ($h) * K
- *   ;; (an asymmetric fold: with XOR, data whose four lanes are equal would cancel out)
+ *     $r = 0; for every i64 lane x of $a0..$a7, $b: $r = fmix64($r ^ x)
+ *     return $r
+ *
+ * The fold must not be linear: a changed word moves an A sum and B together, and a sum or XOR of
+ * the two can cancel. fmix64 (murmur3's finalizer, xorshift-multiply) is a
+ * bijection, so absorbing lane after lane cannot cancel a change in one of them.
  */
 
 const leb = (value: number): number[] => {
@@ -70,10 +77,13 @@ const LOCAL_GET = 0x20;
 const LOCAL_SET = 0x21;
 const I32_CONST = 0x41;
 const I32_ADD = 0x6a;
+const I64_ADD = 0x7c;
+const I64_EXTEND_I32_U = 0xad;
 const I32_GE_U = 0x4f;
 const I64_CONST = 0x42;
-const I64_ADD = 0x7c;
 const I64_MUL = 0x7e;
+const I64_XOR = 0x85;
+const I64_SHR_U = 0x88;
 const BLOCK = 0x02;
 const LOOP = 0x03;
 const BR = 0x0c;
@@ -82,60 +92,71 @@ const END = 0x0b;
 const VOID = 0x40;
 const simd = (op: number, ...imm: number[]) => [0xfd, ...leb(op), ...imm];
 const V128_LOAD = 0;
-const I32X4_SPLAT = 17;
 const I64X2_EXTRACT_LANE = 29;
-const V128_XOR = 81;
-const I32X4_ADD = 174;
-const I32X4_MUL = 181;
+const I64X2_SPLAT = 18;
+const I64X2_EXTEND_LOW_U = 201;
+const I64X2_EXTEND_HIGH_U = 202;
+const I64X2_ADD = 206;
 
-// Locals: 0 $p, 1 $n, 2 $seed (params); 3 $end; 4..7 $a0..$a3; 8 $b.
+// Locals: 0 $p, 1 $n, 2 $seed (params); 3 $end; 4..11 $a0..$a7; 12 $b; 13 $r (i64).
 const P = 0;
 const N = 1;
 const SEED = 2;
 const END_PTR = 3;
 const A = (k: number) => 4 + k;
-const B = 8;
-const GOLDEN = 0x9e3779b9;
-const MIX = [0x85ebca6b, 0xc2b2ae35, 0x27d4eb2f, 0x165667b1];
-const FOLD = 0x9e3779b97f4a7c15n;
+const B = 12;
+const R = 13;
+const GOLDEN = 0x9e3779b97f4a7c15n;
+const FMIX_1 = 0xff51afd7ed558ccdn;
+const FMIX_2 = 0xc4ceb9fe1a85ec53n;
 
 function checksumModule(): Uint8Array {
   const body: number[] = [];
-  for (let k = 0; k < 5; k++) {
-    const local = k < 4 ? A(k) : B;
-    body.push(LOCAL_GET, SEED, I32_CONST, ...sleb(Math.imul(GOLDEN, k + 1)), I32_ADD);
-    body.push(...simd(I32X4_SPLAT), LOCAL_SET, local);
+  for (let j = 0; j <= 8; j++) {
+    body.push(LOCAL_GET, SEED, I64_EXTEND_I32_U);
+    if (j < 8) body.push(I64_CONST, ...sleb64(GOLDEN * BigInt(j + 1)), I64_ADD);
+    body.push(...simd(I64X2_SPLAT), LOCAL_SET, j < 8 ? A(j) : B);
   }
   body.push(LOCAL_GET, P, LOCAL_GET, N, I32_ADD, LOCAL_SET, END_PTR);
   body.push(BLOCK, VOID, LOOP, VOID);
   body.push(LOCAL_GET, P, LOCAL_GET, END_PTR, I32_GE_U, BR_IF, 1);
   for (let k = 0; k < 4; k++) {
-    // v128.load align=2^4 offset=16k
-    body.push(LOCAL_GET, A(k), LOCAL_GET, P, ...simd(V128_LOAD, 4, ...leb(16 * k)), ...simd(I32X4_ADD));
-    body.push(LOCAL_SET, A(k), LOCAL_GET, B, LOCAL_GET, A(k), ...simd(I32X4_ADD), LOCAL_SET, B);
+    for (const [half, extend] of [
+      [0, I64X2_EXTEND_LOW_U],
+      [1, I64X2_EXTEND_HIGH_U],
+    ] as const) {
+      const a = A(2 * k + half);
+      // v128.load align=2^4 offset=16k, then widen half of its u32 lanes and add
+      body.push(LOCAL_GET, a, LOCAL_GET, P, ...simd(V128_LOAD, 4, ...leb(16 * k)), ...simd(extend));
+      body.push(...simd(I64X2_ADD), LOCAL_SET, a);
+    }
   }
+  // B += ((A0+A1)+(A2+A3)) + ((A4+A5)+(A6+A7)): a tree, not a chain of 8 dependent adds
+  const add = simd(I64X2_ADD);
+  const pair = (j: number) => [LOCAL_GET, A(j), LOCAL_GET, A(j + 1), ...add];
+  body.push(LOCAL_GET, B, ...pair(0), ...pair(2), ...add, ...pair(4), ...pair(6), ...add, ...add, ...add);
+  body.push(LOCAL_SET, B);
   body.push(LOCAL_GET, P, I32_CONST, ...sleb(64), I32_ADD, LOCAL_SET, P);
   body.push(BR, 0, END, END);
-  for (let k = 0; k < 4; k++) {
-    body.push(LOCAL_GET, A(k), I32_CONST, ...sleb(MIX[k]!), ...simd(I32X4_SPLAT), ...simd(I32X4_MUL));
-    if (k > 0) body.push(...simd(I32X4_ADD));
+  /** $r = fmix64($r ^ top of stack): x ^= x >> 33; x *= C1; x ^= x >> 33; x *= C2; x ^= x >> 33 */
+  const absorb = () => {
+    body.push(LOCAL_GET, R, I64_XOR, LOCAL_SET, R);
+    for (const c of [FMIX_1, FMIX_2, undefined]) {
+      body.push(LOCAL_GET, R, LOCAL_GET, R, I64_CONST, 33, I64_SHR_U, I64_XOR, LOCAL_SET, R);
+      if (c !== undefined) body.push(LOCAL_GET, R, I64_CONST, ...sleb64(c), I64_MUL, LOCAL_SET, R);
+    }
+  };
+  for (const v of [A(0), A(1), A(2), A(3), A(4), A(5), A(6), A(7), B]) {
+    for (const lane of [0, 1]) {
+      body.push(LOCAL_GET, v, ...simd(I64X2_EXTRACT_LANE, lane));
+      absorb();
+    }
   }
-  body.push(LOCAL_GET, B, ...simd(V128_XOR), LOCAL_SET, A(0));
-  body.push(LOCAL_GET, A(0), ...simd(I64X2_EXTRACT_LANE, 0));
-  body.push(
-    LOCAL_GET,
-    A(0),
-    ...simd(I64X2_EXTRACT_LANE, 1),
-    I64_CONST,
-    ...sleb64(FOLD),
-    I64_MUL,
-    I64_ADD,
-    END,
-  );
+  body.push(LOCAL_GET, R, END);
   const I32 = 0x7f;
   const I64 = 0x7e;
   const V128 = 0x7b;
-  const func = [2, 1, I32, 5, V128, ...body]; // local decls: 1×i32, 5×v128
+  const func = [3, 1, I32, 9, V128, 1, I64, ...body]; // local decls: 1×i32, 9×v128, 1×i64
   return new Uint8Array([
     ...[0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00],
     ...section(1, [1, 0x60, 3, I32, I32, I32, 1, I64]), // type: (i32 i32 i32) -> i64

@@ -43,6 +43,29 @@ test('checksum is stable and sees every single-byte change, in bulk and tail', (
   assert.equal(m.checksum(0, m.sizeBytes), base);
 });
 
+test('checksum sees every single-bit flip and pairs of top-bit flips', () => {
+  const m = randomMemory(2048);
+  const base = m.checksum(0, m.sizeBytes);
+  for (let at = 0; at < m.sizeBytes; at++) {
+    const byte = m.view(at, 1);
+    for (let bit = 0; bit < 8; bit++) {
+      byte[0] ^= 1 << bit;
+      assert.notEqual(m.checksum(0, m.sizeBytes), base, `bit ${bit} of byte ${at}`);
+      byte[0] ^= 1 << bit;
+    }
+  }
+  // Two words whose top bits flip: 2^31 + 2^31 vanishes in a 32-bit sum, not in a 64-bit one.
+  for (let word = 0; word + 64 < 512; word++) {
+    const a = m.view(word * 4 + 3, 1);
+    const b = m.view((word + 16) * 4 + 3, 1); // the same lane of the next block
+    a[0] ^= 0x80;
+    b[0] ^= 0x80;
+    assert.notEqual(m.checksum(0, m.sizeBytes), base, `top bits of words ${word} and ${word + 16}`);
+    a[0] ^= 0x80;
+    b[0] ^= 0x80;
+  }
+});
+
 test('checksum sees swapped blocks, uniform fills, length and seed', () => {
   const m = new PhysMemory(256);
   m.view(0, 64).fill(1);
