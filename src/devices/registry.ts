@@ -1,7 +1,10 @@
+import { basicDeviceFactory } from './basic-device.js';
 import type { SampleDeviceFactory } from './sample-device.js';
 
 /** The sample devices softvfio ships, by type name. */
-export const sampleDeviceFactories: readonly SampleDeviceFactory[] = [];
+export const sampleDeviceFactories: readonly SampleDeviceFactory[] = [
+  basicDeviceFactory as SampleDeviceFactory,
+];
 
 export function sampleDeviceFactory(type: string): SampleDeviceFactory | undefined {
   return sampleDeviceFactories.find((f) => f.type === type);
