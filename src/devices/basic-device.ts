@@ -20,8 +20,8 @@ export function createBasicDevice(options: BasicDeviceOptions = {}): SampleDevic
   ]);
   const regs = image.region('registers');
   const seed = options.seed ?? 1;
-  const driver = new StateDriver(image, options.migrationFlags ?? MigFeature.STOP_COPY, () => {
-    regs.clear();
+  const driver = new StateDriver(image, options.migrationFlags ?? MigFeature.STOP_COPY, (fresh) => {
+    if (!fresh) regs.clear();
     regs.setU32(REG.PRNG, seed >>> 0 || 1);
   });
   const slots = (registerBytes - REG.SCRATCH) >> 2;

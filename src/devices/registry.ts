@@ -1,8 +1,10 @@
+import { accelDeviceFactory } from './accel-device.js';
 import { basicDeviceFactory } from './basic-device.js';
 import type { SampleDeviceFactory } from './sample-device.js';
 
 /** The sample devices softvfio ships, by type name. */
 export const sampleDeviceFactories: readonly SampleDeviceFactory[] = [
+  accelDeviceFactory as SampleDeviceFactory,
   basicDeviceFactory as SampleDeviceFactory,
 ];
 

@@ -19,18 +19,19 @@ export class StateDriver implements MigrationDriver {
   readonly migrationFlags: MigFeatureFlags;
   readonly dmaLogging = false;
   readonly image: DeviceStateImage;
-  readonly #powerOn: () => void;
+  readonly #powerOn: (fresh: boolean) => void;
   #running = true;
   #quiesced = false;
   #saver: StateSaver | undefined;
   #loader: StateLoader | undefined;
 
-  constructor(image: DeviceStateImage, migrationFlags: MigFeatureFlags, powerOn: () => void) {
+  /** `powerOn(fresh)` writes the power-on state; `fresh` = regions are still all zero (construction). */
+  constructor(image: DeviceStateImage, migrationFlags: MigFeatureFlags, powerOn: (fresh: boolean) => void) {
     this.deviceType = image.deviceType;
     this.migrationFlags = migrationFlags;
     this.image = image;
     this.#powerOn = powerOn;
-    powerOn();
+    powerOn(true);
   }
 
   /** The device executes (its work changes state). */
@@ -96,7 +97,7 @@ export class StateDriver implements MigrationDriver {
     this.#loader?.end();
     this.#running = true;
     this.#quiesced = false;
-    this.#powerOn();
+    this.#powerOn(false);
   }
 }
 
