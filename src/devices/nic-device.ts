@@ -1,0 +1,133 @@
+import { internalError } from '../uapi/error.js';
+import { MigFeature } from '../uapi/migration.js';
+import type { SampleDevice, SampleDeviceFactory, SampleDeviceOptions } from './sample-device.js';
+import { StateDriver, StateSampleDevice, xorshift32 } from './state/state-driver.js';
+import { DeviceStateImage } from './state/state-region.js';
+
+export interface NicRxRing {
+  /** IOVA of the first receive buffer; buffer i is at iova + i * bufferBytes. */
+  iova: bigint;
+  entries: number;
+  /** Size of one receive buffer: a u32 packet length, then the packet. */
+  bufferBytes: number;
+}
+
+export interface NicDeviceOptions extends SampleDeviceOptions {
+  /** Flow table size (default 8 MiB), 64-byte entries. */
+  flowTableBytes?: number;
+  /** Receive ring in guest memory; packets are DMA-written there while running and not quiesced. */
+  rxRing?: NicRxRing;
+}
+
+const FLOW_ENTRY_BYTES = 64;
+const FILTER_TABLE_BYTES = 64 * 1024;
+const FILTER_ENTRY_BYTES = 32;
+/** Queue indices and counters. */
+export const NIC_REG = {
+  PRNG: 0,
+  RX_HEAD: 8,
+  TX_TAIL: 12,
+  RX_PACKETS: 16,
+  RX_BYTES: 24,
+  TX_PACKETS: 32,
+  FLOW_UPDATES: 40,
+  RX_DROPPED: 48,
+} as const;
+const R = NIC_REG;
+
+/**
+ * A NIC: filter table, flow table, queue indices and counters. Running, it updates flows and
+ * counters and receives packets into the guest RX ring by DMA; P2P-quiesced it does no DMA (packets
+ * are dropped and counted); stopped it does nothing.
+ */
+export function createNicDevice(options: NicDeviceOptions = {}): SampleDevice & { driver: StateDriver } {
+  const flowTableBytes = options.flowTableBytes ?? 8 << 20;
+  if (
+    !Number.isSafeInteger(flowTableBytes) ||
+    flowTableBytes < FLOW_ENTRY_BYTES ||
+    flowTableBytes % FLOW_ENTRY_BYTES
+  ) {
+    throw internalError(`nic: flowTableBytes ${flowTableBytes} must be a positive multiple of 64`);
+  }
+  const ring = options.rxRing;
+  if (
+    ring &&
+    (ring.entries < 1 || ring.bufferBytes < 128 || !Number.isSafeInteger(ring.entries * ring.bufferBytes))
+  ) {
+    throw internalError('nic: rxRing needs entries >= 1 and bufferBytes >= 128');
+  }
+  const image = new DeviceStateImage(
+    'nic',
+    1,
+    [
+      { name: 'filters', sizeBytes: FILTER_TABLE_BYTES, precopy: true },
+      { name: 'flows', sizeBytes: flowTableBytes, precopy: true },
+      { name: 'registers', sizeBytes: 4096, precopy: false },
+    ],
+    JSON.stringify({ rxRing: ring ? [ring.entries, ring.bufferBytes] : null }),
+  );
+  const filters = image.region('filters');
+  const flows = image.region('flows');
+  const regs = image.region('registers');
+  const seed = options.seed ?? 1;
+  const driver = new StateDriver(
+    image,
+    options.migrationFlags ?? MigFeature.STOP_COPY | MigFeature.P2P | MigFeature.PRE_COPY,
+    (fresh) => {
+      if (!fresh) for (const r of image.regions) r.clear();
+      regs.setU32(R.PRNG, seed >>> 0 || 1);
+    },
+  );
+  const flowCount = flowTableBytes / FLOW_ENTRY_BYTES;
+  const packet = ring ? new Uint8Array(ring.bufferBytes) : undefined;
+  const packetWords = packet ? new Uint32Array(packet.buffer, 0, packet.length >>> 2) : undefined;
+
+  const fillWords = (words: Uint32Array, count: number, x: number): number => {
+    for (let i = 0; i < count; i++) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      words[i] = x;
+    }
+    return x >>> 0;
+  };
+
+  return new StateSampleDevice(options.name ?? 'nic0', driver, options.dma, (dma) => {
+    let x = xorshift32(regs.u32(R.PRNG));
+    // a flow update
+    const entry = flows.mutate((x % flowCount) * FLOW_ENTRY_BYTES, FLOW_ENTRY_BYTES);
+    x = fillWords(new Uint32Array(entry.buffer, entry.byteOffset, FLOW_ENTRY_BYTES / 4), 16, x);
+    regs.setU64(R.FLOW_UPDATES, regs.u64(R.FLOW_UPDATES) + 1n);
+    // now and then a filter rule
+    if (x % 8 === 0) {
+      const slot = (x >>> 3) % (FILTER_TABLE_BYTES / FILTER_ENTRY_BYTES);
+      const rule = filters.mutate(slot * FILTER_ENTRY_BYTES, FILTER_ENTRY_BYTES);
+      x = fillWords(new Uint32Array(rule.buffer, rule.byteOffset, FILTER_ENTRY_BYTES / 4), 8, x);
+    }
+    regs.setU64(R.TX_PACKETS, regs.u64(R.TX_PACKETS) + 1n);
+    regs.setU32(R.TX_TAIL, (regs.u32(R.TX_TAIL) + 1) % 4096);
+    // a received packet
+    if (ring && packet && packetWords) {
+      x = xorshift32(x);
+      const length = 60 + (x % (ring.bufferBytes - 4 - 60 + 1));
+      if (dma) {
+        x = fillWords(packetWords.subarray(1), Math.ceil(length / 4), x);
+        packetWords[0] = length;
+        const head = regs.u32(R.RX_HEAD);
+        dma.write(ring.iova + BigInt(head) * BigInt(ring.bufferBytes), packet.subarray(0, 4 + length));
+        regs.setU32(R.RX_HEAD, (head + 1) % ring.entries);
+        regs.setU64(R.RX_PACKETS, regs.u64(R.RX_PACKETS) + 1n);
+        regs.setU64(R.RX_BYTES, regs.u64(R.RX_BYTES) + BigInt(length));
+      } else {
+        regs.setU64(R.RX_DROPPED, regs.u64(R.RX_DROPPED) + 1n);
+      }
+    }
+    regs.setU32(R.PRNG, x);
+  });
+}
+
+export const nicDeviceFactory: SampleDeviceFactory<NicDeviceOptions> = {
+  type: 'nic',
+  description: 'NIC with filter and flow tables and an RX ring (STOP_COPY|P2P|PRE_COPY)',
+  create: createNicDevice,
+};
