@@ -219,7 +219,10 @@ export class VfioDevice {
     }
   }
 
-  /** VFIO_DEVICE_RESET: kills open data fds, resets the device, state RUNNING. The only way out of ERROR. */
+  /**
+   * VFIO_DEVICE_RESET: kills open data fds, resets the device, state RUNNING. The only way out of
+   * ERROR. A driver reset that throws leaves the device in ERROR (its sessions are already gone).
+   */
   reset(): void {
     const op = 'VFIO_DEVICE_RESET';
     this.#checkOpen(op);
