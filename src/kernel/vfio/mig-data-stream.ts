@@ -1,6 +1,6 @@
 import { Readable, Writable } from 'node:stream';
 import { PRECOPY_INFO_BYTES, VFIO_MIG_GET_PRECOPY_INFO } from '../../uapi/device-feature.js';
-import { kernelError, VfioError } from '../../uapi/error.js';
+import { internalError, kernelError, VfioError } from '../../uapi/error.js';
 import { isPrecopyState, type MigState, migStateName } from '../../uapi/migration.js';
 import type { PrecopyInfo, ResumingSession, SavingSession } from './migration-driver.js';
 
@@ -60,8 +60,14 @@ abstract class DataFd {
     for (const w of [...this.#wakers]) w();
   }
 
-  /** Resolves at the next wake(): new data, a state change, the session end or close. */
+  /**
+   * poll(2). Resolves at once when the fd is ready (see pollReady: always when it is dead or
+   * closed, so nobody waits on an fd that can never change), else at the next wake(): new data, a
+   * state change, the session end or close. Rejects with the signal's reason on abort.
+   */
   poll(signal?: AbortSignal): Promise<void> {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    if (this.pollReady()) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const done = () => {
         this.#wakers.delete(done);
@@ -72,10 +78,14 @@ abstract class DataFd {
         this.#wakers.delete(done);
         reject(signal?.reason);
       };
-      if (signal?.aborted) return reject(signal.reason);
       signal?.addEventListener('abort', aborted, { once: true });
       this.#wakers.add(done);
     });
+  }
+
+  /** Would poll(2) report the fd ready now? Dead and closed fds always are. */
+  protected pollReady(): boolean {
+    return !this.live;
   }
 
   protected checkOpen(op: string): void {
@@ -107,12 +117,25 @@ export class SavingStream extends DataFd {
     this.#session = session;
   }
 
+  /** Ready when a read cannot fail ENOMSG: end of data, or the device in STOP_COPY. */
+  protected override pollReady(): boolean {
+    return super.pollReady() || this.#eof || !isPrecopyState(this.owner.state);
+  }
+
   /** read(2) into `target`: the number of bytes read, 0 at the end of stop-copy data. */
   readInto(target: Uint8Array): number {
     this.checkLive('read');
     if (target.length === 0) return 0;
     if (this.#eof) return 0;
-    const n = this.#session.read(target);
+    let n: number;
+    try {
+      n = this.#session.read(target);
+    } catch (err) {
+      throw asKernelError(err, this.owner.name, 'read');
+    }
+    if (!Number.isInteger(n) || n < 0 || n > target.length) {
+      throw internalError(`${this.owner.name}: driver read returned ${n} for a ${target.length}-byte buffer`);
+    }
     if (n === 0) {
       if (isPrecopyState(this.owner.state)) {
         throw kernelError('ENOMSG', 'no precopy data available now', { target: this.owner.name, op: 'read' });
@@ -161,7 +184,11 @@ export class SavingStream extends DataFd {
       });
     }
     this.checkLive(op);
-    return this.#session.precopyInfo();
+    try {
+      return this.#session.precopyInfo();
+    } catch (err) {
+      throw asKernelError(err, this.owner.name, op);
+    }
   }
 
   /**
@@ -233,6 +260,11 @@ export class ResumeStream extends DataFd {
 
   get bytesWritten(): number {
     return this.#bytesWritten;
+  }
+
+  /** write(2) on a migration fd never waits: the resume fd is always writable. */
+  protected override pollReady(): boolean {
+    return true;
   }
 
   pwrite(_data: Uint8Array, _position: number): never {

@@ -21,8 +21,14 @@ import type { MigFeatureFlags } from '../../uapi/migration.js';
  *   STOP → RESUMING                               startResuming()
  *   RESUMING → STOP                               sink.finish(), then sink.end()
  *
- * A hook that throws leaves the device in the arc's from-state, unless it throws an
- * ArcBrokeDevice, which puts the device in ERROR. Hooks must not throw anything but VfioError.
+ * A hook that throws leaves the device in the arc's from-state (for session.end() and
+ * sink.end() too: the session then stays open), unless it throws an ArcBrokeDevice, which puts the
+ * device in ERROR and ends every session. Hooks must not throw anything but VfioError; anything
+ * else is treated as a broken device too.
+ *
+ * VFIO_DEVICE_RESET: the core ends every open session (end()), then calls reset(); a reset() that
+ * throws leaves the device in ERROR. Errors of stopCopyLength() and of the session's read(),
+ * precopyInfo() and write() fail that call only; they never change the device state.
  */
 export interface MigrationDriver {
   /** Device type name, carried in its migration data (`accel`, `nic`, …). */

@@ -17,6 +17,8 @@ import {
   DirtyPageLog,
   type DmaLoggingControl,
   type DmaLoggingReport,
+  loggingReportArgsValid,
+  reportBitmapBytes,
   validateLoggingReport,
   validateLoggingStart,
 } from './dma-logging.js';
@@ -105,7 +107,10 @@ export class VfioDevice {
     const { flags } = call;
     const argsz = call.argsz ?? FEATURE_HEADER_BYTES + defaultPayloadBytes(flags & MASK);
     if (argsz < FEATURE_HEADER_BYTES) throw kernelError('EINVAL', `argsz ${argsz} below 8`, where);
-    if ((flags & ~KNOWN_FLAGS) !== 0 || flags < 0) throw kernelError('EINVAL', 'unknown flag bits', where);
+    // flags is a u32: anything that is not one (bits above 31, fractions) has unknown bits.
+    if (!Number.isInteger(flags) || flags < 0 || flags > 0xffffffff || (flags & ~KNOWN_FLAGS) !== 0) {
+      throw kernelError('EINVAL', 'unknown flag bits', where);
+    }
     if (!(flags & PROBE) && flags & SET && flags & GET) {
       throw kernelError('EINVAL', 'GET and SET together need PROBE', where);
     }
@@ -185,8 +190,19 @@ export class VfioDevice {
 
   /** VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT into a fresh zeroed bitmap (read-and-clear). */
   dmaLoggingReport(report: { iova: bigint; length: bigint; pageSize: bigint }): Uint8Array {
-    const pages = report.pageSize > 0n ? (report.length + report.pageSize - 1n) / report.pageSize : 0n;
-    const bitmap = new Uint8Array(Number(((pages + 63n) / 64n) * 8n));
+    // The bitmap is only sized once the kernel's own checks pass: a bad page_size or an overflowing
+    // range must fail with its errno, not with an allocation of a nonsense size.
+    let bitmap = new Uint8Array(0);
+    if (loggingReportArgsValid(report)) {
+      const bytes = reportBitmapBytes(report.length, report.pageSize);
+      if (bytes > MAX_REPORT_BITMAP_BYTES) {
+        throw new VfioError('ERR_BITMAP_TOO_LARGE', `a report bitmap of ${bytes} bytes is too large`, {
+          target: this.name,
+          op: 'DMA_LOGGING_REPORT',
+        });
+      }
+      bitmap = new Uint8Array(Number(bytes));
+    }
     this.deviceFeature({ flags: FeatureId.DMA_LOGGING_REPORT | GET, data: { ...report, bitmap } });
     return bitmap;
   }
@@ -203,20 +219,32 @@ export class VfioDevice {
     }
   }
 
-  /** VFIO_DEVICE_RESET: kills open data fds, resets the device, state RUNNING. The only way out of ERROR. */
+  /**
+   * VFIO_DEVICE_RESET: kills open data fds, resets the device, state RUNNING. The only way out of
+   * ERROR. A driver reset that throws leaves the device in ERROR (its sessions are already gone).
+   */
   reset(): void {
-    this.#checkOpen('VFIO_DEVICE_RESET');
-    this.#endSessions();
-    this.driver.reset();
+    const op = 'VFIO_DEVICE_RESET';
+    this.#checkOpen(op);
+    const endFailure = this.#endSessions();
+    try {
+      this.driver.reset();
+    } catch (err) {
+      // The sessions are gone and the device is in no known state: only another reset helps.
+      this.#state = MigState.ERROR;
+      throw asKernelError(err, this.name, op);
+    }
     this.#state = MigState.RUNNING;
+    if (endFailure !== undefined) throw asKernelError(endFailure, this.name, op);
   }
 
   /** Close the device fd: sessions end, DMA logging stops, every later call fails EBADF. */
   close(): void {
     if (this.#closed) return;
-    this.#endSessions();
+    const endFailure = this.#endSessions();
     this.#stopLogging();
     this.#closed = true;
+    if (endFailure !== undefined) throw asKernelError(endFailure, this.name, 'close');
   }
 
   // --- features ------------------------------------------------------------------------------
@@ -240,10 +268,18 @@ export class VfioDevice {
       throw kernelError('ENOTTY', 'device has no DMA logging', { target: this.name, op });
   }
 
+  /** copy_from_user/copy_to_user of the payload: no struct behind the pointer is EFAULT. */
+  #needData(data: unknown, op: string): void {
+    if (typeof data !== 'object' || data === null) {
+      throw kernelError('EFAULT', 'no payload struct', { target: this.name, op });
+    }
+  }
+
   #featureMigration(flags: number, payload: number, data: unknown): void {
     const op = 'MIGRATION';
     this.#needMigration(op);
     if (this.#check(flags, payload, GET, FeaturePayloadBytes.MIGRATION, op) === 'probe') return;
+    this.#needData(data, op);
     (data as { flags: bigint }).flags = BigInt(this.driver.migrationFlags);
   }
 
@@ -251,6 +287,7 @@ export class VfioDevice {
     const op = 'MIG_DEVICE_STATE';
     this.#needMigration(op);
     if (this.#check(flags, payload, GET | SET, FeaturePayloadBytes.MIG_DEVICE_STATE, op) === 'probe') return;
+    this.#needData(data, op);
     const mig = data as MigStateData;
     if (flags & GET) {
       mig.deviceState = this.#state;
@@ -266,15 +303,22 @@ export class VfioDevice {
     const op = 'MIG_DATA_SIZE';
     this.#needMigration(op);
     if (this.#check(flags, payload, GET, FeaturePayloadBytes.MIG_DATA_SIZE, op) === 'probe') return;
-    (data as { stopCopyLength: bigint }).stopCopyLength = this.#driverCall(op, () =>
-      this.driver.stopCopyLength(),
-    );
+    this.#needData(data, op);
+    // A query: a failing driver makes the ioctl fail, never the device change state.
+    let length: bigint;
+    try {
+      length = this.driver.stopCopyLength();
+    } catch (err) {
+      throw asKernelError(err, this.name, op);
+    }
+    (data as { stopCopyLength: bigint }).stopCopyLength = length;
   }
 
   #featureLoggingStart(flags: number, payload: number, data: unknown): void {
     const op = 'DMA_LOGGING_START';
     this.#needLogging(op);
     if (this.#check(flags, payload, SET, FeaturePayloadBytes.DMA_LOGGING_CONTROL, op) === 'probe') return;
+    this.#needData(data, op);
     const control = data as DmaLoggingControl;
     validateLoggingStart(control, { target: this.name, op });
     // Starting twice is a driver decision; pds and mlx5 refuse with EINVAL.
@@ -296,6 +340,7 @@ export class VfioDevice {
     const op = 'DMA_LOGGING_REPORT';
     this.#needLogging(op);
     if (this.#check(flags, payload, GET, FeaturePayloadBytes.DMA_LOGGING_REPORT, op) === 'probe') return;
+    this.#needData(data, op);
     const report = data as DmaLoggingReport;
     validateLoggingReport(report, { target: this.name, op });
     if (!this.#dirtyLog) throw kernelError('EINVAL', 'DMA logging is not started', { target: this.name, op });
@@ -370,16 +415,25 @@ export class VfioDevice {
           break;
         case `${S.PRE_COPY}>${S.RUNNING}`:
         case `${S.PRE_COPY_P2P}>${S.RUNNING_P2P}`:
-        case `${S.STOP_COPY}>${S.STOP}`:
-          this.#endSaving();
+        case `${S.STOP_COPY}>${S.STOP}`: {
+          // end() first: if it fails the arc did not happen and the session is still there.
+          const saving = this.#saving!;
+          saving.session.end();
+          this.#saving = undefined;
+          saving.stream.kill();
           break;
+        }
         case `${S.STOP}>${S.RESUMING}`:
           opened = this.#openResuming();
           break;
-        case `${S.RESUMING}>${S.STOP}`:
-          this.#resuming!.session.finish();
-          this.#endResuming();
+        case `${S.RESUMING}>${S.STOP}`: {
+          const resuming = this.#resuming!;
+          resuming.session.finish();
+          resuming.session.end();
+          this.#resuming = undefined;
+          resuming.stream.kill();
           break;
+        }
         default:
           throw internalError(`${this.name}: no arc ${migStateName(from)} -> ${migStateName(to)}`);
       }
@@ -403,28 +457,31 @@ export class VfioDevice {
     return stream;
   }
 
-  #endSaving(): void {
-    const saving = this.#saving;
+  /**
+   * Tear down every open session (ERROR, reset, close): the fds die whatever the driver does. Every
+   * session gets end(); the first failure is returned for the caller to report after its own work.
+   */
+  #endSessions(): unknown {
+    const sessions = [this.#saving, this.#resuming];
     this.#saving = undefined;
-    saving?.stream.kill();
-    saving?.session.end();
-  }
-
-  #endResuming(): void {
-    const resuming = this.#resuming;
     this.#resuming = undefined;
-    resuming?.stream.kill();
-    resuming?.session.end();
-  }
-
-  #endSessions(): void {
-    this.#endSaving();
-    this.#endResuming();
+    let failure: unknown;
+    for (const s of sessions) {
+      if (!s) continue;
+      s.stream.kill();
+      try {
+        s.session.end();
+      } catch (err) {
+        failure ??= err;
+      }
+    }
+    return failure;
   }
 
   /**
-   * Call into the driver. VfioErrors pass through (as kernel errors of this device);
-   * ArcBrokeDevice and anything that is not a VfioError (a driver bug) put the device in ERROR.
+   * Run one arc in the driver. VfioErrors pass through (as kernel errors of this device);
+   * ArcBrokeDevice and anything that is not a VfioError (a driver bug) put the device in ERROR,
+   * which ends every session.
    */
   #driverCall<T>(op: string, fn: () => T): T {
     try {
@@ -432,7 +489,7 @@ export class VfioDevice {
     } catch (err) {
       if (err instanceof ArcBrokeDevice || !(err instanceof VfioError)) {
         this.#state = MigState.ERROR;
-        this.#endSessions();
+        this.#endSessions(); // a failing end() here must not hide the arc's own error
       }
       throw asKernelError(err, this.name, op);
     }
@@ -442,6 +499,9 @@ export class VfioDevice {
     if (this.#closed) throw kernelError('EBADF', 'device fd is closed', { target: this.name, op });
   }
 }
+
+/** Largest bitmap dmaLoggingReport() allocates for its caller (1 GiB of bitmap = 32 TiB at 4 KiB). */
+const MAX_REPORT_BITMAP_BYTES = 1n << 30n;
 
 function defaultPayloadBytes(feature: number): number {
   switch (feature) {
