@@ -44,8 +44,7 @@ export async function benchDeviceSaveLoad(memoryBytes = 1 << 30): Promise<Device
     const resume = dest.vfio.setMigDeviceState(MigState.RESUMING) as ResumeStream;
     const t0 = performance.now();
     if (splice) {
-      const loader = dest.driver.resumingSession!;
-      while (loader.writeFrom((target) => saving.readInto(target)) > 0);
+      while (resume.writeFrom((target) => saving.readInto(target)) > 0);
     } else {
       const buf = new Uint8Array(PIECE);
       for (let n = saving.readInto(buf); n > 0; n = saving.readInto(buf)) resume.write(buf.subarray(0, n));

@@ -102,9 +102,7 @@ test('accel: more than 1 GiB of device memory migrates (writeFrom splice)', () =
   const saving = source.vfio.setMigDeviceState(MigState.STOP_COPY) as SavingStream;
   dest.vfio.setMigDeviceState(MigState.STOP);
   const resume = dest.vfio.setMigDeviceState(MigState.RESUMING) as ResumeStream;
-  void resume;
-  const loader = dest.driver.resumingSession!;
-  while (loader.writeFrom((target) => saving.readInto(target)) > 0);
+  while (resume.writeFrom((target) => saving.readInto(target)) > 0);
   dest.vfio.setMigDeviceState(MigState.STOP);
   assert.equal(dest.digest(), source.digest());
 });

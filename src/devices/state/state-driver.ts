@@ -44,11 +44,6 @@ export class StateDriver implements MigrationDriver {
     return this.#quiesced;
   }
 
-  /** The open resuming session, if any (its writeFrom lets a caller splice a stream in place). */
-  get resumingSession(): StateLoader | undefined {
-    return this.#loader;
-  }
-
   stop(): void {
     this.#running = false;
     this.#quiesced = false;

@@ -258,6 +258,29 @@ export class ResumeStream extends DataFd {
     return chunk.length;
   }
 
+  /**
+   * Write bytes that `fill` produces straight into place: `fill` gets a buffer, writes n bytes and
+   * returns n; the result is exactly write() of those bytes. Splices a saving stream into this one
+   * with one copy: `resume.writeFrom((buf) => saving.readInto(buf))`. Returns n (0: fill had none).
+   */
+  writeFrom(fill: (target: Uint8Array) => number, maxBytes = DEFAULT_CHUNK_BYTES): number {
+    this.checkLive('write');
+    const session = this.#session;
+    let n: number;
+    if (session.writeFrom) {
+      try {
+        n = session.writeFrom(fill);
+      } catch (err) {
+        throw asKernelError(err, this.owner.name, 'write');
+      }
+      this.#bytesWritten += n;
+      return n;
+    }
+    const staging = new Uint8Array(maxBytes);
+    n = fill(staging);
+    return this.write(staging.subarray(0, n));
+  }
+
   get bytesWritten(): number {
     return this.#bytesWritten;
   }

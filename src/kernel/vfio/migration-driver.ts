@@ -74,6 +74,12 @@ export interface ResumingSession {
   /** RESUMING → STOP: validate and load everything written; throw VfioError if it cannot. */
   finish(): void;
   end(): void;
+  /**
+   * Optional single-copy write: hand `fill` a view of where the next stream bytes belong (device
+   * memory, for a payload), let it write n bytes there, then take them exactly as write() would.
+   * Returns n. Without it, ResumeStream.writeFrom() stages bytes and calls write().
+   */
+  writeFrom?(fill: (target: Uint8Array) => number): number;
 }
 
 /** Thrown by a driver hook that could neither complete its arc nor restore the from-state. */

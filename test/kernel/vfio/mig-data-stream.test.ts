@@ -242,6 +242,27 @@ describe('resume stream', () => {
     assertErrno(() => fd.write(bytes(7)), 'ENODEV');
   });
 
+  test('writeFrom without a driver writeFrom stages the bytes fill produced and writes exactly them', () => {
+    const { dev, drv } = makeDevice(F_SC);
+    dev.setMigDeviceState(S.STOP);
+    const fd = dev.setMigDeviceState(S.RESUMING) as ResumeStream;
+    assert.equal(
+      fd.writeFrom((buf) => {
+        buf.set(bytes(9, 8, 7));
+        return 3;
+      }, 16),
+      3,
+    );
+    assert.equal(
+      fd.writeFrom(() => 0),
+      0,
+    );
+    assert.equal(fd.bytesWritten, 3);
+    dev.setMigDeviceState(S.STOP);
+    assert.deepEqual(drv.loaded, bytes(9, 8, 7));
+    assertErrno(() => fd.writeFrom(() => 0), 'ENODEV');
+  });
+
   test('has no ioctls (ENOTTY); a driver write error reaches the caller with its errno and the device name', () => {
     const { dev, drv } = makeDevice(F_SC, { name: 'acc1' });
     dev.setMigDeviceState(S.STOP);

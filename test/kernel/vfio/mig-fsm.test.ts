@@ -139,7 +139,7 @@ function assertEinval(fn: () => unknown, what: string): void {
 /** The path the test's own table gives, following next[][] (undefined when a cell is EINVAL). */
 function tablePath(combo: Combo, from: number, to: number): number[] | undefined {
   const path: number[] = [];
-  for (let at = from; at !== to; ) {
+  for (let at = from; at !== to;) {
     const next = combo.next[at]![to]!;
     if (next === X) return undefined;
     path.push(next);

@@ -58,7 +58,7 @@ class Model {
 
   path(target: number): number[] | undefined {
     const path: number[] = [];
-    for (let at = this.state; at !== target; ) {
+    for (let at = this.state; at !== target;) {
       let next = T[at]![target]!;
       while (next !== ERROR && !supported(next, this.flags)) next = T[next]![target]!;
       if (next === ERROR) return undefined;
