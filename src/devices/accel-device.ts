@@ -1,5 +1,5 @@
 import { SEGMENT_BYTES } from '../kernel/mem/phys-memory.js';
-import { internalError } from '../uapi/error.js';
+import { invalidArgument } from '../uapi/error.js';
 import { MigFeature } from '../uapi/migration.js';
 import type { SampleDevice, SampleDeviceFactory, SampleDeviceOptions } from './sample-device.js';
 import {
@@ -38,7 +38,7 @@ const COMPLETION_BYTES = 64;
 export function createAccelDevice(options: AccelDeviceOptions = {}): SampleDevice & { driver: StateDriver } {
   const memoryBytes = options.memoryBytes ?? 64 << 20;
   if (!Number.isSafeInteger(memoryBytes) || memoryBytes < PAGE || memoryBytes % PAGE !== 0) {
-    throw internalError(`accel: memoryBytes ${memoryBytes} must be a positive multiple of 4 KiB`);
+    throw invalidArgument(`accel: memoryBytes ${memoryBytes} must be a positive multiple of 4 KiB`);
   }
   const image = new DeviceStateImage('accel', 1, [
     { name: 'memory', sizeBytes: memoryBytes, precopy: true },

@@ -1,4 +1,4 @@
-import { internalError } from '../uapi/error.js';
+import { invalidArgument } from '../uapi/error.js';
 import { MigFeature } from '../uapi/migration.js';
 import type { SampleDevice, SampleDeviceFactory, SampleDeviceOptions } from './sample-device.js';
 import { StateDriver, StateSampleDevice, xorshift32 } from './state/state-driver.js';
@@ -47,14 +47,14 @@ export function createNicDevice(options: NicDeviceOptions = {}): SampleDevice & 
     flowTableBytes < FLOW_ENTRY_BYTES ||
     flowTableBytes % FLOW_ENTRY_BYTES
   ) {
-    throw internalError(`nic: flowTableBytes ${flowTableBytes} must be a positive multiple of 64`);
+    throw invalidArgument(`nic: flowTableBytes ${flowTableBytes} must be a positive multiple of 64`);
   }
   const ring = options.rxRing;
   if (
     ring &&
     (ring.entries < 1 || ring.bufferBytes < 128 || !Number.isSafeInteger(ring.entries * ring.bufferBytes))
   ) {
-    throw internalError('nic: rxRing needs entries >= 1 and bufferBytes >= 128');
+    throw invalidArgument('nic: rxRing needs entries >= 1 and bufferBytes >= 128');
   }
   const image = new DeviceStateImage(
     'nic',

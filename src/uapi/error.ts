@@ -49,6 +49,11 @@ export function kernelError(
   return new VfioError(`VFIO_${errno}`, message, { ...where, errno });
 }
 
+/** Bad input from a caller above the kernel line (an option, a size, a configuration). */
+export function invalidArgument(message: string): VfioError {
+  return new VfioError('ERR_INVALID_ARGUMENT', message);
+}
+
 /** A softvfio bug: an invariant that the code itself broke, never the caller's input. */
 export function internalError(message: string, cause?: unknown): VfioError {
   return new VfioError('ERR_INTERNAL', message, cause === undefined ? {} : { cause });

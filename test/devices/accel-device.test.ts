@@ -106,3 +106,9 @@ test('accel: more than 1 GiB of device memory migrates (writeFrom splice)', () =
   dest.vfio.setMigDeviceState(MigState.STOP);
   assert.equal(dest.digest(), source.digest());
 });
+
+test('accel: a bad memory size is refused as bad input, not as a bug', () => {
+  for (const memoryBytes of [0, 1000, -4096, 4096.5]) {
+    assert.throws(() => createAccelDevice({ memoryBytes }), { code: 'ERR_INVALID_ARGUMENT' });
+  }
+});

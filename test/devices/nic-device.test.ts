@@ -94,3 +94,10 @@ test('nic: reset returns to the power-on state', () => {
   nic.vfio.reset();
   assert.equal(nic.digest(), powerOn);
 });
+
+test('nic: bad table or ring sizes are refused as bad input', () => {
+  assert.throws(() => createNicDevice({ flowTableBytes: 100 }), { code: 'ERR_INVALID_ARGUMENT' });
+  assert.throws(() => createNicDevice({ rxRing: { iova: 0n, entries: 0, bufferBytes: 2048 } }), {
+    code: 'ERR_INVALID_ARGUMENT',
+  });
+});

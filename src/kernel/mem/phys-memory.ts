@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { internalError } from '../../uapi/error.js';
+import { internalError, invalidArgument } from '../../uapi/error.js';
 import { MemoryChecksummer } from './simd-checksum.js';
 
 const WASM_PAGE = 65536;
@@ -25,7 +25,7 @@ export class PhysMemory {
 
   constructor(sizeBytes: number) {
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0)
-      throw internalError(`bad memory size ${sizeBytes}`);
+      throw invalidArgument(`bad memory size ${sizeBytes}`);
     this.sizeBytes = sizeBytes;
     for (let at = 0; at < sizeBytes; at += SEGMENT_BYTES) {
       const length = Math.min(SEGMENT_BYTES, sizeBytes - at);

@@ -23,6 +23,11 @@ test('read and write round-trip bytes and a fresh memory is zero', () => {
   assert.throws(() => m.read(-1, out), { code: 'ERR_INTERNAL' });
 });
 
+test('a bad size is refused as bad input', () => {
+  for (const size of [-1, 1.5, Number.NaN])
+    assert.throws(() => new PhysMemory(size), { code: 'ERR_INVALID_ARGUMENT' });
+});
+
 test('the buffers are SharedArrayBuffers that workers can share', () => {
   const m = new PhysMemory(65536);
   assert.ok(m.buffers[0] instanceof SharedArrayBuffer);
