@@ -37,14 +37,27 @@ export function probeFd(fd: SavingStream | ResumeStream): string {
 /** Read sizes cycle through small odd ones first (to split records), then big ones. */
 const READ_PLAN = [1, 3, 16, 511, 4096];
 const BIG_READ = 256 * 1024;
-
-function readSize(index: number): number {
-  return READ_PLAN[index] ?? BIG_READ;
-}
+/** One buffer for every read of the kit; reads copy out what they got. */
+const readBuffer = new Uint8Array(BIG_READ);
 
 /** Bounds every read loop so a stream that never ends is a finding, not a hang. */
 export interface StreamLimits {
   readonly maxStreamBytes: number;
+}
+
+/** Reads allowed per loop: enough for maxStreamBytes in 64-byte reads, whatever the limit. */
+const maxReads = (limits: StreamLimits) => 64 + Math.ceil(limits.maxStreamBytes / 64);
+
+type ReadResult = { ok: true; chunk: Uint8Array } | { ok: false; errno: string | undefined; text: string };
+
+/** read(2) of `size` bytes into the shared buffer; a count beyond the buffer is a violation. */
+function readChunk(fd: SavingStream, size: number): ReadResult {
+  const target = readBuffer.subarray(0, size);
+  const outcome = attempt(() => fd.readInto(target));
+  if (!outcome.ok) return { ok: false, errno: outcome.errno, text: describeOutcome(outcome) };
+  const n = outcome.value;
+  expect(Number.isInteger(n) && n >= 0 && n <= size, `read returned ${n} for a ${size}-byte buffer`);
+  return { ok: true, chunk: target.slice(0, n) };
 }
 
 /**
@@ -60,27 +73,25 @@ export function readToEnd(
   lenient = false,
 ): Uint8Array[] {
   let total = 0;
-  for (let i = 0; ; i++) {
-    const size = readSize(i);
-    const outcome = attempt(() => fd.read(size));
-    if (!outcome.ok) {
-      if (lenient && outcome.errno === 'ENOMSG') return into;
+  for (let i = 0; i < maxReads(limits); i++) {
+    const got = readChunk(fd, READ_PLAN[i] ?? BIG_READ);
+    if (!got.ok) {
+      if (lenient && got.errno === 'ENOMSG') return into;
       violation(
-        outcome.errno === 'ENOMSG'
+        got.errno === 'ENOMSG'
           ? `read in STOP_COPY returned ENOMSG after ${total} bytes (end of data must be a read of 0)`
-          : `read in STOP_COPY failed after ${total} bytes: ${describeOutcome(outcome)}`,
+          : `read in STOP_COPY failed after ${total} bytes: ${got.text}`,
       );
     }
-    const chunk = outcome.value;
-    expect(chunk.length <= size, `read returned ${chunk.length} bytes for a ${size}-byte buffer`);
-    if (chunk.length === 0) return into;
-    into.push(chunk);
-    total += chunk.length;
+    if (got.chunk.length === 0) return into;
+    into.push(got.chunk);
+    total += got.chunk.length;
     expect(
       total <= limits.maxStreamBytes,
       `STOP_COPY stream did not end within ${limits.maxStreamBytes} bytes`,
     );
   }
+  return violation(`STOP_COPY stream did not end within ${maxReads(limits)} reads (${total} bytes)`);
 }
 
 /**
@@ -91,30 +102,26 @@ export function readUntilEnomsg(
   fd: SavingStream,
   limits: StreamLimits,
   into: Uint8Array[] = [],
-  onRead?: (bytes: number) => void,
 ): Uint8Array[] {
   let total = 0;
-  for (let i = 0; ; i++) {
-    const size = readSize(i);
-    const outcome = attempt(() => fd.read(size));
-    if (!outcome.ok) {
-      if (outcome.errno === 'ENOMSG') return into;
-      violation(`read in precopy failed after ${total} bytes: ${describeOutcome(outcome)}`);
+  for (let i = 0; i < maxReads(limits); i++) {
+    const got = readChunk(fd, READ_PLAN[i] ?? BIG_READ);
+    if (!got.ok) {
+      if (got.errno === 'ENOMSG') return into;
+      violation(`read in precopy failed after ${total} bytes: ${got.text}`);
     }
-    const chunk = outcome.value;
     expect(
-      chunk.length > 0,
+      got.chunk.length > 0,
       `read in precopy returned 0 bytes after ${total} bytes (expected data or ENOMSG)`,
     );
-    expect(chunk.length <= size, `read returned ${chunk.length} bytes for a ${size}-byte buffer`);
-    into.push(chunk);
-    total += chunk.length;
-    onRead?.(chunk.length);
+    into.push(got.chunk);
+    total += got.chunk.length;
     expect(
       total <= limits.maxStreamBytes,
       `precopy data did not pause within ${limits.maxStreamBytes} bytes`,
     );
   }
+  return violation(`precopy data did not pause within ${maxReads(limits)} reads (${total} bytes)`);
 }
 
 export function concatBytes(chunks: readonly Uint8Array[]): Uint8Array {

@@ -21,10 +21,25 @@ export interface SavedStream {
   readonly deviceType: string;
 }
 
+/** Options for each device the kit creates: fixed, or made per instance (e.g. a DMA port each). */
+export type DeviceOptionsSource =
+  | SampleDeviceOptions
+  | ((instance: { readonly name: string; readonly seed: number }) => SampleDeviceOptions);
+
+/** The options of one new instance: the caller's, with the kit's name and seed. */
+export function instanceOptions(
+  source: DeviceOptionsSource,
+  name: string,
+  seed: number,
+): SampleDeviceOptions {
+  const base = typeof source === 'function' ? source({ name, seed }) : source;
+  return { ...base, name, seed };
+}
+
 export interface HarnessSettings extends StreamLimits {
   readonly seed: number;
   readonly workUnits: number;
-  readonly deviceOptions: SampleDeviceOptions;
+  readonly deviceOptions: DeviceOptionsSource;
 }
 
 /**
@@ -72,12 +87,9 @@ export class Harness {
 
   #createFrom(factory: SampleDeviceFactory, role: string): SampleDevice {
     const serial = ++this.#serial;
-    const options: SampleDeviceOptions = {
-      ...this.settings.deviceOptions,
-      name: `${factory.type}-${role}-${serial}`,
-      seed: (this.settings.seed * 1000003 + serial * 7919) >>> 0,
-    };
-    const created = attempt(() => factory.create(options));
+    const name = `${factory.type}-${role.replaceAll(' ', '-')}-${serial}`;
+    const seed = (this.settings.seed * 1000003 + serial * 7919) >>> 0;
+    const created = attempt(() => factory.create(instanceOptions(this.settings.deviceOptions, name, seed)));
     if (!created.ok) violation(`${factory.type}.create() failed: ${describeOutcome(created)}`);
     const device = created.value;
     expect(

@@ -1,6 +1,6 @@
 export type { CheckSpec } from './check.js';
 export { type FdKind, fdKind, probeFd } from './data-fds.js';
-export { Harness, type HarnessSettings, type SavedStream } from './harness.js';
+export { type DeviceOptionsSource, Harness, type HarnessSettings, type SavedStream } from './harness.js';
 export {
   type ArcEffect,
   hasSession,

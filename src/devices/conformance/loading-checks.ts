@@ -32,7 +32,7 @@ function expectRejected(
   const state = kit.getState(destination, 'GET after the load');
   const writeNote = wrote.error
     ? `write refused at byte ${wrote.written}/${bytes.length} (${wrote.error.split(' ')[0]})`
-    : `${bytes.length} bytes written`;
+    : `${bytes.length} byte(s) written`;
   if (load.ok) {
     const digest = kit.digest(destination, 'after the accepted load');
     violation(

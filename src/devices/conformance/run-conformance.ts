@@ -1,10 +1,10 @@
 import { performance } from 'node:perf_hooks';
 import { MIG_FEATURE_ALL, MigFeature, migFeatureNames } from '../../uapi/migration.js';
-import type { SampleDeviceFactory, SampleDeviceOptions } from '../sample-device.js';
+import type { SampleDeviceFactory } from '../sample-device.js';
 import type { CheckSpec } from './check.js';
 import { errorResetChecks } from './error-reset-checks.js';
 import { featureChecks } from './features-checks.js';
-import { Harness } from './harness.js';
+import { type DeviceOptionsSource, Harness, instanceOptions } from './harness.js';
 import { loadingChecks } from './loading-checks.js';
 import { modelChecks } from './model-checks.js';
 import { attempt, describeOutcome, errorMessage, isVerdict, SKIP_CODE, VIOLATION_CODE } from './outcome.js';
@@ -36,8 +36,11 @@ export interface ConformanceOptions {
   workUnits?: number;
   /** A stream longer than this is a violation (guards against streams that never end). Default 256 MiB. */
   maxStreamBytes?: number;
-  /** Extra options for every device the factory creates (name and seed are set by the kit). */
-  deviceOptions?: SampleDeviceOptions;
+  /**
+   * Options for every device the kit creates, foreign ones included; a function makes them per
+   * instance (a DMA port of its own, …). The kit sets `name` and `seed`.
+   */
+  deviceOptions?: DeviceOptionsSource;
   /** Run only these categories (default: all). */
   categories?: readonly ConformanceCategory[];
   /** Called after each check, e.g. for progress output. */
@@ -167,10 +170,12 @@ type FeatureProbe = { ok: true; flags: number } | { ok: false; problem: string }
 
 function readFeatures(
   factory: SampleDeviceFactory,
-  deviceOptions: SampleDeviceOptions,
+  deviceOptions: DeviceOptionsSource,
   seed: number,
 ): FeatureProbe {
-  const created = attempt(() => factory.create({ ...deviceOptions, name: `${factory.type}-probe`, seed }));
+  const created = attempt(() =>
+    factory.create(instanceOptions(deviceOptions, `${factory.type}-probe`, seed)),
+  );
   if (!created.ok)
     return { ok: false, problem: `${factory.type}.create() failed: ${describeOutcome(created)}` };
   try {

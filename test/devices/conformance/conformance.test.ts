@@ -91,6 +91,24 @@ describe('runConformance on correct drivers', () => {
     assert.deepEqual(strip(a), strip(b));
   });
 
+  test('deviceOptions made per instance reach every device, with the kit name and seed', () => {
+    const seen: { name: string; seed: number }[] = [];
+    const report = runConformance(ledgerReference, {
+      foreign,
+      runs: 5,
+      deviceOptions: (instance) => {
+        seen.push(instance);
+        return { pageCount: 8, name: 'overridden', seed: 0 } as never;
+      },
+    });
+    assert.equal(report.summary.failed, 0, explain(report));
+    assert.ok(seen.length > 100);
+    assert.equal(new Set(seen.map((s) => s.name)).size, seen.length, 'one name per instance');
+    assert.ok(seen.some((s) => s.name.startsWith('ledger-other-foreign-source-')));
+    // 8 pages of 64 bytes: header 21 + 8 page records of 71 + REGS 47 + END 11.
+    assert.match(findCheck(report, 'round-trip', 'STOP -> STOP_COPY, no precopy')!.detail, /^647 bytes/);
+  });
+
   test('categories select what runs', () => {
     const report = runConformance(ledgerReference, { categories: ['streams'] });
     // The feature probe always runs: it decides which checks exist.
