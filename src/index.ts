@@ -1,2 +1,6 @@
+export * from './devices/conformance/index.js';
+export * from './devices/registry.js';
+export type * from './devices/sample-device.js';
+export * from './kernel/mem/index.js';
 export * from './kernel/vfio/index.js';
 export * from './uapi/index.js';

@@ -23,8 +23,7 @@ export interface SavedStream {
 
 /** Options for each device the kit creates: fixed, or made per instance (e.g. a DMA port each). */
 export type DeviceOptionsSource =
-  | SampleDeviceOptions
-  | ((instance: { readonly name: string; readonly seed: number }) => SampleDeviceOptions);
+  SampleDeviceOptions | ((instance: { readonly name: string; readonly seed: number }) => SampleDeviceOptions);
 
 /** The options of one new instance: the caller's, with the kit's name and seed. */
 export function instanceOptions(

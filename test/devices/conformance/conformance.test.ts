@@ -229,7 +229,7 @@ describe('runConformance never throws for a misbehaving device', () => {
         };
         return undefined;
       }),
-      /threw TypeError: cannot read properties of null/,
+      /ERR_INTERNAL: .*cannot read properties of null/,
     ],
     [
       'digest() throws',

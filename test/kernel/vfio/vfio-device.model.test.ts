@@ -14,7 +14,7 @@ const { ERROR, STOP, RUNNING: RUN, STOP_COPY: SC, RESUMING: RES, RUNNING_P2P: RP
 const { PRE_COPY: PC, PRE_COPY_P2P: PCP2P } = S;
 
 // spec 1.5: the raw kernel table T[cur][new] (0 = ERROR) and 1.1: the flags each state needs.
-// biome-ignore format: a table
+// prettier-ignore
 const T = [
   [ERROR, ERROR, ERROR, ERROR, ERROR, ERROR, ERROR, ERROR],
   [ERROR, STOP, RP2P, SC, RES, RP2P, RP2P, RP2P],
