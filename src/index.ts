@@ -1,4 +1,7 @@
+export * from './devices/accel-device.js';
+export * from './devices/basic-device.js';
 export * from './devices/conformance/index.js';
+export * from './devices/nic-device.js';
 export * from './devices/registry.js';
 export type * from './devices/sample-device.js';
 export * from './kernel/mem/index.js';
