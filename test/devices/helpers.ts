@@ -4,6 +4,9 @@ import type { StateDriver } from '../../src/devices/state/state-driver.js';
 import type { ResumeStream, SavingStream } from '../../src/kernel/vfio/mig-data-stream.js';
 import { VfioError } from '../../src/uapi/error.js';
 import { MigState } from '../../src/uapi/migration.js';
+import { concatBytes as concat } from '../../src/devices/conformance/data-fds.js';
+
+export { concat };
 
 export type Dev = SampleDevice & { driver: StateDriver };
 
@@ -24,16 +27,6 @@ export function drain(stream: SavingStream, chunk: number | (() => number), out:
     out.push(buf.subarray(0, n));
     total += n;
   }
-}
-
-export function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
 }
 
 /** Source: RUNNING -> PRE_COPY (when offered; work between reads) -> STOP_COPY -> read to end -> STOP. */

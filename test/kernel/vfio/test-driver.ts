@@ -11,6 +11,9 @@ import type {
 } from '../../../src/kernel/vfio/migration-driver.js';
 import { VfioDevice } from '../../../src/kernel/vfio/vfio-device.js';
 import { VfioError } from '../../../src/uapi/error.js';
+import { concatBytes as concat } from '../../../src/devices/conformance/data-fds.js';
+
+export { concat };
 
 export const F_SC = 1;
 export const F_P2P = 2;
@@ -205,16 +208,6 @@ export class TestDriver implements MigrationDriver {
     this.running = true;
     this.quiesced = false;
   }
-}
-
-export function concat(chunks: readonly Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.length;
-  }
-  return out;
 }
 
 /** A device on a TestDriver, with a 1 MiB flat DMA space at IOVA 0. */
