@@ -107,6 +107,7 @@ export function runVcpu(data: VcpuWorkerData): void {
   // Rate limit: a token bucket that fills only while the vCPU runs, holding at most one slice.
   const creditCap = Math.max(rate * TIME_SLICE_MS, workload.writeBytes * BATCH_PAGES);
   let credit = 0;
+  let sleepDebtMs = 0;
 
   control.setState(
     vcpu,
@@ -163,11 +164,22 @@ export function runVcpu(data: VcpuWorkerData): void {
     runMs += now - start;
     flush();
 
+    // Throttle: sleep slice × pct / (100 − pct) after the slice. Timed waits overshoot (wake-up
+    // latency, ~1 ms on a VM), so the overshoot is owed back from the next sleep: the long-run
+    // share of time asleep is the percentage asked for.
     const throttle = control.throttlePercent;
     if (throttle > 0 && Atomics.load(words, COMMAND) === VcpuCommand.RUN) {
-      const t0 = performance.now();
-      Atomics.wait(words, COMMAND, VcpuCommand.RUN, (TIME_SLICE_MS * throttle) / (100 - throttle));
-      throttledMs += performance.now() - t0;
+      const sleepMs = (TIME_SLICE_MS * throttle) / (100 - throttle);
+      sleepDebtMs = Math.max(-TIME_SLICE_MS, Math.min(sleepMs, sleepDebtMs + sleepMs));
+      if (sleepDebtMs > 0) {
+        const t0 = performance.now();
+        Atomics.wait(words, COMMAND, VcpuCommand.RUN, sleepDebtMs);
+        const slept = performance.now() - t0;
+        throttledMs += slept;
+        sleepDebtMs -= slept;
+      }
+    } else {
+      sleepDebtMs = 0;
     }
   }
   flush();
