@@ -1,3 +1,4 @@
+import { internalError } from '../../uapi/error.js';
 import { createPagePicker } from './access-pattern.js';
 import { type DirtyLogViews, dirtyLogViews, markDirtyPage } from './dirty-log.js';
 import { PAGES_PER_SEGMENT, WORDS_PER_PAGE } from './guest-page.js';
@@ -76,7 +77,7 @@ export function runVcpu(data: VcpuWorkerData): void {
   const blockOf = (page: number): Block => {
     if (page >= current.first && page < current.end) return current;
     for (const b of blocks) if (page >= b.first && page < b.end) return (current = b);
-    throw new Error(`vCPU ${vcpu}: page ${page} outside guest RAM`);
+    throw internalError(`vCPU ${vcpu}: page ${page} outside guest RAM`);
   };
 
   /** Write `n` pages inside the fence: bytes first, dirty bit after. */
