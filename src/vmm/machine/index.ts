@@ -1,0 +1,13 @@
+export * from './access-pattern.js';
+export * from './dirty-log.js';
+export * from './guest-page.js';
+export * from './guest-ram.js';
+export * from './guest-ram-digest.js';
+export * from './prng.js';
+export * from './ram-access-fence.js';
+export * from './ram-block.js';
+export * from './ram-discard.js';
+export * from './vcpu-control.js';
+export * from './vcpu-set.js';
+export type * from './vcpu-worker-data.js';
+export * from './vcpu-workload.js';
