@@ -3,6 +3,7 @@ import { benchDeviceSaveLoad } from './device-save-load.js';
 import { benchIommufdMap } from './iommufd-map.js';
 import { type BenchResult, machineLine, toMarkdown } from './report.js';
 import { benchTransitions } from './transitions.js';
+import { benchVmmDirty, vmmDirtyResult } from './vmm-dirty.js';
 
 const f2 = (n: number) => n.toFixed(2);
 
@@ -68,7 +69,12 @@ async function iommufdMap(): Promise<BenchResult> {
 }
 
 /** `npm run bench`: every benchmark in turn, results printed and written to docs/BENCHMARKS.md. */
-const benchmarks: (() => Promise<BenchResult>)[] = [benchTransitions, deviceSaveLoad, iommufdMap];
+const benchmarks: (() => Promise<BenchResult>)[] = [
+  benchTransitions,
+  deviceSaveLoad,
+  iommufdMap,
+  async () => vmmDirtyResult(await benchVmmDirty()),
+];
 
 console.log(`softvfio benchmarks on ${machineLine()}`);
 const results: BenchResult[] = [];
