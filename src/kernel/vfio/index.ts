@@ -4,3 +4,8 @@ export * from './mig-data-stream.js';
 export * from './mig-fsm.js';
 export * from './migration-driver.js';
 export * from './vfio-device.js';
+export * from './container.js';
+export * from './container-api.js';
+export * from './container-dma.js';
+export * from './container-dma-space.js';
+export * from './container-type1.js';
