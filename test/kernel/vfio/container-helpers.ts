@@ -1,6 +1,12 @@
 import assert from 'node:assert/strict';
 import { Host, type HostOptions, type Process, type SpawnOptions } from '../../../src/kernel/host/index.js';
-import { VfioContainer, VfioGroup, type VfioGroupOptions } from '../../../src/kernel/vfio/container.js';
+import {
+  VfioContainer,
+  type VfioContainerDevice,
+  VfioGroup,
+  type VfioGroupOptions,
+} from '../../../src/kernel/vfio/container.js';
+import type { PinnedPage } from '../../../src/kernel/vfio/container-dma.js';
 import type { ErrnoName } from '../../../src/uapi/errno.js';
 import { isErrno } from '../../../src/uapi/error.js';
 
@@ -54,4 +60,51 @@ export function dmaAvail(c: { iommuGetInfo(): { caps: { id: number }[] } }): num
   const cap = c.iommuGetInfo().caps.find((x) => x.id === 3) as { avail: number } | undefined;
   assert.ok(cap, 'DMA_AVAIL capability present');
   return cap.avail;
+}
+
+/**
+ * An open device whose driver pins pages (an mdev driver): it remembers its pins and, when type1
+ * calls its dma_unmap, drops every pin it holds in the range, as drivers must.
+ */
+export function pinningDevice(
+  c: VfioContainer,
+  group: VfioGroup,
+  name = 'mdev0',
+): {
+  dev: VfioContainerDevice;
+  pin(iova: bigint, npage: number, prot: number): PinnedPage[];
+  unpin(iova: bigint, npage: number): void;
+  unmapCalls: [bigint, bigint][];
+} {
+  const refs = new Map<bigint, number>();
+  const unmapCalls: [bigint, bigint][] = [];
+  const dev: VfioContainerDevice = c.openDevice(group, {
+    name,
+    dmaUnmap: (iova, length) => {
+      unmapCalls.push([iova, length]);
+      for (const [at, n] of [...refs]) {
+        if (at < iova || at >= iova + length) continue;
+        for (let i = 0; i < n; i++) dev.unpinPages(at, 1);
+        refs.delete(at);
+      }
+    },
+  });
+  return {
+    dev,
+    unmapCalls,
+    pin(iova, npage, prot) {
+      const pages = dev.pinPages(iova, npage, prot);
+      for (let i = 0n; i < BigInt(npage); i++)
+        refs.set(iova + i * PAGE, (refs.get(iova + i * PAGE) ?? 0) + 1);
+      return pages;
+    },
+    unpin(iova, npage) {
+      dev.unpinPages(iova, npage);
+      for (let i = 0n; i < BigInt(npage); i++) {
+        const n = (refs.get(iova + i * PAGE) ?? 0) - 1;
+        if (n > 0) refs.set(iova + i * PAGE, n);
+        else refs.delete(iova + i * PAGE);
+      }
+    },
+  };
 }
