@@ -1,3 +1,4 @@
+import type { LazyBytes } from '../host/lazy-bytes.js';
 import type { VfioContainer } from './container.js';
 import { IommuProt } from './container-api.js';
 import type { Type1Group } from './container-type1.js';
@@ -24,12 +25,7 @@ export class ContainerDmaSpace implements DmaSpace {
     iova: bigint,
     length: number,
     access: DmaAccess,
-    fn: (
-      store: { read(o: number, t: Uint8Array): void; write(o: number, d: Uint8Array): void },
-      at: number,
-      done: number,
-      n: number,
-    ) => void,
+    fn: (store: LazyBytes, at: number, done: number, n: number) => void,
   ): void {
     const iommu = this.#container.type1;
     if (!iommu || !iommu.inDomain(this.#group)) {
