@@ -45,6 +45,13 @@ export const IommuOptionOp = {
   GET: 1,
 } as const;
 
+/** `enum iommufd_vfio_ioas_op`: IOMMU_VFIO_IOAS operations on the VFIO compat IOAS. */
+export const IommuVfioIoasOp = {
+  GET: 0,
+  SET: 1,
+  CLEAR: 2,
+} as const;
+
 /** `enum iommufd_hwpt_alloc_flags`. */
 export const HwptAllocFlag = {
   NEST_PARENT: 1,

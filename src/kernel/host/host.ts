@@ -19,6 +19,24 @@ export class User {
   }
 }
 
+/**
+ * Kernel module parameters of a host (`/sys/module/<module>/parameters/*`). Like the 0644 params
+ * they stand for, they may be changed at any time; each is read where the kernel reads it.
+ */
+export interface HostModules {
+  vfioIommuType1: {
+    /**
+     * `vfio_iommu_type1.dma_entry_limit` (uint, default U16_MAX = 65535): most vfio_dma mappings
+     * per container. Read when a container's IOMMU is set (its `dma_avail` starts there).
+     */
+    dmaEntryLimit: number;
+  };
+}
+
+export interface HostOptions {
+  modules?: { vfioIommuType1?: Partial<HostModules['vfioIommuType1']> };
+}
+
 export interface SpawnOptions {
   uid?: number;
   rlimitMemlockBytes?: bigint;
@@ -67,9 +85,20 @@ export class Process {
     if (!this.#alive) throw new VfioError('ERR_PROCESS_EXITED', `process ${this.pid} has exited`, { op });
   }
 
-  mmap(args: MmapArgs): bigint {
+  /**
+   * mmap(): anonymous memory, or with `fd` a shared mapping of that open memfd from offset 0
+   * (MAP_SHARED; EBADF if not open, EACCES for a writable mapping of a file opened read-only).
+   */
+  mmap(args: MmapArgs & { fd?: number }): bigint {
     this.#live('mmap');
-    return this.#mm.mmap(args);
+    if (args.fd === undefined) return this.#mm.mmap(args);
+    const open = this.#fds.get(args.fd);
+    if (!open) throw kernelError('EBADF', `fd ${args.fd} not open`, { op: 'mmap' });
+    if ((args.writable ?? true) && !open.writable) {
+      throw kernelError('EACCES', 'writable shared mapping of a file opened read-only', { op: 'mmap' });
+    }
+    const { fd: _fd, ...rest } = args;
+    return this.#mm.mmap({ ...rest, file: open.file });
   }
   munmap(va: bigint, lengthBytes: bigint | number): void {
     this.#mm.munmap(va, lengthBytes);
@@ -139,9 +168,16 @@ export class Process {
 
 /** A software host: users by uid and processes by pid. */
 export class Host {
+  readonly modules: HostModules;
   readonly #users = new Map<number, User>();
   readonly #processes = new Map<number, Process>();
   #nextPid = 1000;
+
+  constructor(options: HostOptions = {}) {
+    this.modules = {
+      vfioIommuType1: { dmaEntryLimit: 65535, ...options.modules?.vfioIommuType1 },
+    };
+  }
 
   user(uid: number): User {
     let user = this.#users.get(uid);

@@ -1,16 +1,22 @@
 import { kernelError } from '../../uapi/error.js';
 import { LazyBytes } from './lazy-bytes.js';
+import type { MemFile } from './memfd.js';
 
 export const PAGE_BYTES = 4096n;
 const MMAP_BASE = 0x7f00_0000_0000n;
 const TASK_SIZE = 1n << 47n;
 
-/** One anonymous mapping: [start, start + lengthBytes) backed by `store` from byte 0. */
+/**
+ * One mapping: [start, start + lengthBytes) backed by `store` from byte 0: private anonymous
+ * memory, or (`shared`) a memfd's store mapped from file offset 0.
+ */
 export interface MmRegion {
   readonly start: bigint;
   readonly lengthBytes: bigint;
   readonly writable: boolean;
   readonly store: LazyBytes;
+  /** MAP_SHARED of a file: fork shares the store instead of copying it. */
+  readonly shared?: boolean;
 }
 
 export interface MmapArgs {
@@ -19,6 +25,8 @@ export interface MmapArgs {
   at?: bigint;
   /** PROT_WRITE; default true. */
   writable?: boolean;
+  /** MAP_SHARED of this memfd from offset 0; the mapping may not run past the file's end (EINVAL). */
+  file?: MemFile;
 }
 
 const pageUp = (n: bigint): bigint => (n + PAGE_BYTES - 1n) & ~(PAGE_BYTES - 1n);
@@ -46,6 +54,9 @@ export class Mm {
     if (length === 0n || length > Number.MAX_SAFE_INTEGER) {
       throw kernelError('EINVAL', `bad mmap length ${args.lengthBytes}`, { op: 'mmap' });
     }
+    if (args.file && length > pageUp(BigInt(args.file.store.lengthBytes))) {
+      throw kernelError('EINVAL', 'shared mapping runs past the end of the file', { op: 'mmap' });
+    }
     let start: bigint;
     if (args.at !== undefined) {
       start = args.at;
@@ -61,12 +72,9 @@ export class Mm {
       if (start + length > TASK_SIZE) throw kernelError('ENOMEM', 'address space full', { op: 'mmap' });
       this.#next = start + length + PAGE_BYTES; // a guard gap keeps regions from merging by accident
     }
-    const region: MmRegion = {
-      start,
-      lengthBytes: length,
-      writable: args.writable ?? true,
-      store: new LazyBytes(Number(length)),
-    };
+    const region: MmRegion = args.file
+      ? { start, lengthBytes: length, writable: args.writable ?? true, store: args.file.store, shared: true }
+      : { start, lengthBytes: length, writable: args.writable ?? true, store: new LazyBytes(Number(length)) };
     const at = this.#indexAfter(start);
     this.#regions.splice(at, 0, region);
     return start;
@@ -154,10 +162,10 @@ export class Mm {
     });
   }
 
-  /** fork(): private copy of every region (touched chunks duplicated), fresh counters. */
+  /** fork(): private copy of every private region (touched chunks duplicated), shared ones shared. */
   clone(): Mm {
     const copy = new Mm();
-    copy.#regions = this.#regions.map((r) => ({ ...r, store: r.store.clone() }));
+    copy.#regions = this.#regions.map((r) => (r.shared ? { ...r } : { ...r, store: r.store.clone() }));
     copy.#next = this.#next;
     return copy;
   }

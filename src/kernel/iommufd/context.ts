@@ -4,6 +4,7 @@ import {
   IoasMapFlag,
   IommuOption,
   IommuOptionOp,
+  IommuVfioIoasOp,
   type IovaRange,
   U64_MAX,
 } from '../../uapi/iommufd.js';
@@ -79,6 +80,12 @@ export interface IoasAllowIovasArgs {
   reserved?: number;
   allowedIovas: IovaRange[];
 }
+export interface VfioIoasArgs {
+  /** In for SET, out for GET. */
+  ioasId: number;
+  op: number;
+  reserved?: number;
+}
 export interface OptionArgs {
   optionId: number;
   op: number;
@@ -94,6 +101,8 @@ class IommufdState {
   accountMode: AccountMode;
   readonly thp: boolean;
   closed = false;
+  /** `ictx->vfio_ioas`: the IOAS the VFIO compat ioctls work on (vfio-compat.ts). */
+  vfioIoas: IoasObject | undefined;
 
   constructor(accountMode: AccountMode, thp: boolean) {
     this.accountMode = accountMode;
@@ -163,6 +172,7 @@ export class IommufdContext {
     if (obj.kind === 'ioas') {
       if (obj.users > 0) throw kernelError('EBUSY', `IOAS ${obj.id} in use`, { op: 'DESTROY' });
       obj.iopt.unmapAll();
+      if (this.#s.vfioIoas === obj) this.#s.vfioIoas = undefined;
     } else if (obj.kind === 'hwpt_paging') {
       if (obj.devices.size > 0) throw kernelError('EBUSY', `HWPT ${obj.id} has devices`, { op: 'DESTROY' });
       this.#freeHwpt(obj);
@@ -180,6 +190,7 @@ export class IommufdContext {
     for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'hwpt_paging') this.#freeHwpt(obj);
     for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'ioas') obj.iopt.unmapAll();
     this.#s.objects.clear();
+    this.#s.vfioIoas = undefined;
     this.#s.closed = true;
   }
 
@@ -530,6 +541,58 @@ export class IommufdContext {
   deviceIoas(devId: number): IoasObject | undefined {
     const obj = this.#get(devId);
     return obj?.kind === 'device' ? obj.hwpt?.ioas : undefined;
+  }
+
+  // ---- VFIO compat IOAS (the container ioctls live in vfio-compat.ts) -------------------------
+
+  /** IOMMU_VFIO_IOAS: GET (none -> ENODEV), SET (not an IOAS -> ENOENT), CLEAR; returns ioasId. */
+  vfioIoas(args: VfioIoasArgs): VfioIoasArgs {
+    this.#live();
+    const op = 'VFIO_IOAS';
+    if ((args.reserved ?? 0) !== 0) throw kernelError('EOPNOTSUPP', 'reserved set', { op });
+    if (args.op === IommuVfioIoasOp.GET) {
+      args.ioasId = this.compatIoas(op).id;
+      return args;
+    }
+    if (args.op === IommuVfioIoasOp.SET) {
+      this.#s.vfioIoas = this.ioas(args.ioasId, op);
+      return args;
+    }
+    if (args.op === IommuVfioIoasOp.CLEAR) {
+      this.#s.vfioIoas = undefined;
+      return args;
+    }
+    throw kernelError('EOPNOTSUPP', `unknown op ${args.op}`, { op });
+  }
+
+  /** @internal `get_compat_ioas`: ENODEV when no compat IOAS is set. */
+  compatIoas(op: string): IoasObject {
+    this.#live();
+    const ioas = this.#s.vfioIoas;
+    if (!ioas) throw kernelError('ENODEV', 'no VFIO compat IOAS', { op });
+    return ioas;
+  }
+
+  /** @internal `iommufd_vfio_compat_ioas_create`: the compat IOAS, allocated (a user object) if none. */
+  compatIoasCreate(): IoasObject {
+    this.#live();
+    if (!this.#s.vfioIoas) this.#s.vfioIoas = this.ioas(this.ioasAlloc().outIoasId, 'VFIO_IOAS');
+    return this.#s.vfioIoas;
+  }
+
+  /**
+   * @internal `iopt_map_user_pages` at a fixed IOVA, as VFIO_IOMMU_MAP_DMA calls it: raw AreaProt
+   * bits (no READ/WRITE check), the fd's accounting mode for the caller.
+   */
+  compatMapUserPages(
+    ioas: IoasObject,
+    userVa: bigint,
+    length: bigint,
+    iova: bigint,
+    prot: number,
+    op: string,
+  ): void {
+    this.#mapNew(ioas, { start: userVa, length }, { flags: IoasMapFlag.FIXED_IOVA, iova }, prot, op);
   }
 }
 

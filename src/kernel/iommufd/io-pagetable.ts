@@ -394,6 +394,47 @@ export class IoPagetable {
     }
   }
 
+  /**
+   * `iopt_cut_iova` (VFIO compat TYPE1 unmaps): each IOVA inside an area becomes the last byte of
+   * one area and the next IOVA the first byte of another, both on the same pages object (pins carry
+   * over, nothing is charged again). Cuts stop at the first error: EINVAL when the new start is
+   * not on the IOVA alignment, or when a domain may hold the area in large pages.
+   */
+  cutIova(iovas: readonly bigint[]): void {
+    for (const iova of iovas) {
+      const a = this.areaAt(iova);
+      if (a >= 0) this.#splitArea(a, iova);
+    }
+  }
+
+  /** `iopt_area_split`: `iova` becomes the last byte of the lower half. */
+  #splitArea(a: number, iova: bigint): void {
+    const start = this.#iova[a]!;
+    const last = this.#last[a]!;
+    if (iova === start || iova === last) return;
+    const pid = this.#pid[a]!;
+    const off = this.#off[a]!;
+    const lhsLen = iova + 1n - start;
+    const align = this.iovaAlignment;
+    if ((iova + 1n) % align !== 0n || (this.pages.start(pid) + off + lhsLen) % align !== 0n) {
+      throw kernelError('EINVAL', `cannot cut the area at 0x${iova.toString(16)}: misaligned`);
+    }
+    if (this.#domains > 0 && !this.disableLargePages) {
+      throw kernelError('EINVAL', 'cannot cut an area a domain may hold in large pages');
+    }
+    const whole = this.pages.pageRange(pid, off, last - start + 1n);
+    const lhs = this.pages.pageRange(pid, off, lhsLen);
+    const rhs = this.pages.pageRange(pid, off + lhsLen, last - iova);
+    const write = (this.#prot[a]! & AreaProt.WRITE) !== 0;
+    this.#last[a] = iova;
+    this.#newArea(iova + 1n, { pagesId: pid, offset: off + lhsLen, length: last - iova }, this.#prot[a]!);
+    if (this.#domains > 0) {
+      this.pages.pin(pid, lhs[0], lhs[1], write);
+      this.pages.pin(pid, rhs[0], rhs[1], write);
+      this.pages.unpin(pid, whole[0], whole[1]);
+    }
+  }
+
   /** `iopt_get_pages`: the pages runs covering [iova, iova + length), which must be fully mapped. */
   getPages(iova: bigint, length: bigint): PagesElm[] {
     if (length === 0n) throw kernelError('EINVAL', 'length 0');
