@@ -523,11 +523,17 @@ export class IoPagetable {
       throw kernelError('EINVAL', `length 0x${length.toString(16)} not a multiple of ${align}`);
     }
     const at = iova === undefined ? this.allocIova(addr, length) : this.#checkIova(iova, length);
-    if (prot & AreaProt.WRITE) {
-      for (const elm of elms) {
-        if (!this.pages.writable(elm.pagesId)) {
-          throw kernelError('EPERM', 'writeable mapping of read-only pages');
-        }
+    for (const elm of elms) {
+      // iopt_insert_area: write over read-only pages, then the source's page offset.
+      if (prot & AreaProt.WRITE && !this.pages.writable(elm.pagesId)) {
+        throw kernelError('EPERM', 'writeable mapping of read-only pages');
+      }
+      const pageOffset = (this.pages.start(elm.pagesId) + elm.offset) % PAGE_SIZE_N;
+      if ((pageOffset & (align - 1n)) !== 0n) {
+        throw kernelError(
+          'EINVAL',
+          `source page offset 0x${pageOffset.toString(16)} not aligned to ${align}`,
+        );
       }
     }
     const added: number[] = [];
