@@ -285,7 +285,8 @@ export class IoPagetable {
   #pinArea(a: number): void {
     const id = this.#pid[a]!;
     const [first, last] = this.pages.pageRange(id, this.#off[a]!, this.#last[a]! - this.#iova[a]! + 1n);
-    this.pages.pin(id, first, last, (this.#prot[a]! & AreaProt.WRITE) !== 0);
+    // FOLL_WRITE follows the pages object (mapped WRITEABLE), not this area's prot.
+    this.pages.pin(id, first, last, this.pages.writable(id));
   }
 
   #unpinArea(a: number): void {
