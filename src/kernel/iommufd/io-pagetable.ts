@@ -165,28 +165,19 @@ export class IoPagetable {
   #link(a: number): void {
     const s = this.#iova[a]!;
     const l = this.#last[a]!;
-    const prev = s === 0n ? -1 : this.#tree.floor(s - 1n);
-    const holeStart = prev >= 0 ? this.#last[prev]! + 1n : 0n;
-    this.#tree.set(s, a, holeWeight(s - holeStart));
-    if (l !== U64_MAX) {
-      const n = this.#tree.ceil(l + 1n);
-      if (n >= 0) this.#tree.setWeight(this.#iova[n]!, holeWeight(this.#iova[n]! - l - 1n));
-    }
+    this.#tree.insertLinked(
+      s,
+      a,
+      (prev) => holeWeight(s - (prev >= 0 ? this.#last[prev]! + 1n : 0n)),
+      (next) => holeWeight(this.#iova[next]! - l - 1n),
+    );
   }
 
-  /** Removes area `a` from the tree; its successor's hole grows over it. */
-  #unlink(a: number): void {
-    const s = this.#iova[a]!;
-    const l = this.#last[a]!;
-    const prev = s === 0n ? -1 : this.#tree.floor(s - 1n);
-    this.#tree.delete(s);
-    if (l !== U64_MAX) {
-      const n = this.#tree.ceil(l + 1n);
-      if (n >= 0) {
-        const holeStart = prev >= 0 ? this.#last[prev]! + 1n : 0n;
-        this.#tree.setWeight(this.#iova[n]!, holeWeight(this.#iova[n]! - holeStart));
-      }
-    }
+  /** Removes area `a` from the tree (its successor's hole grows over it); returns the successor or -1. */
+  #unlink(a: number): number {
+    return this.#tree.deleteLinked(this.#iova[a]!, (prev, next) =>
+      holeWeight(this.#iova[next]! - (prev >= 0 ? this.#last[prev]! + 1n : 0n)),
+    );
   }
 
   #newArea(iova: bigint, elm: PagesElm, prot: number): number {
@@ -205,23 +196,25 @@ export class IoPagetable {
     return a;
   }
 
-  /** Frees an area record that holds no pin. */
-  #freeArea(a: number): void {
-    this.#unlink(a);
+  /** Frees an area record that holds no pin; returns the next area or -1. */
+  #freeArea(a: number): number {
+    const next = this.#unlink(a);
     this.pages.unref(this.#pid[a]!);
     this.#pid[a] = -1;
-    this.#areaState.delete(a);
+    if (this.#areaState.size > 0) this.#areaState.delete(a);
     this.#free.push(a);
+    return next;
   }
 
-  #dropArea(a: number): void {
+  /** Unmaps area `a` (unpinned from the domains, dirty bits dropped); returns the next area or -1. */
+  #dropArea(a: number): number {
     if (this.#domains > 0) this.#unpinArea(a);
     if (this.#dirty.size > 0) {
       const first = Number(this.#iova[a]! >> 12n);
       const last = Number(this.#last[a]! >> 12n);
       for (const bitmap of this.#dirty.values()) bitmap.clearPages(first, last);
     }
-    this.#freeArea(a);
+    return this.#freeArea(a);
   }
 
   areaIova(a: number): bigint {
@@ -683,20 +676,16 @@ export class IoPagetable {
     let unmapped = 0n;
     let tries = 0;
     let from = start;
-    for (;;) {
-      const a = this.#firstFrom(from);
-      if (a < 0 || this.#iova[a]! > last) break;
+    let a = this.#firstFrom(from);
+    while (a >= 0 && this.#iova[a]! <= last) {
       const aStart = this.#iova[a]!;
       const aLast = this.#last[a]!;
-      const st = this.#areaState.get(a);
+      const st = this.#areaState.size > 0 ? this.#areaState.get(a) : undefined;
       if (st && st.locks > 0) {
         throw kernelError('EBUSY', `area 0x${aStart.toString(16)} is locked by an internal access`);
       }
       if (aStart < from || aLast > last) {
-        throw kernelError(
-          'ENOENT',
-          `area 0x${aStart.toString(16)}..0x${aLast.toString(16)} is cut by the range`,
-        );
+        throw kernelError('ENOENT', `area 0x${aStart.toString(16)}..0x${aLast.toString(16)} is cut by the range`);
       }
       if (aStart !== from) tries = 0;
       if (st && st.accesses > 0) {
@@ -706,10 +695,12 @@ export class IoPagetable {
         if (++tries > UNMAP_NOTIFY_TRIES) {
           throw kernelError('EDEADLOCK', `accesses keep area 0x${aStart.toString(16)} pinned`);
         }
+        // The accesses may have changed anything: look again from `from`.
+        a = this.#firstFrom(from);
         continue;
       }
-      this.#dropArea(a);
       unmapped += aLast - aStart + 1n;
+      a = this.#dropArea(a);
     }
     if (unmapped === 0n && !allowEmpty) throw kernelError('ENOENT', 'no area in the range');
     return unmapped;

@@ -194,6 +194,47 @@ export class OrderedU64Map {
     raise(into, weight);
   }
 
+  /**
+   * Inserts a new `key` (absent) in one descent, for keys weighted by their neighbours: the new
+   * entry gets weight `weightOf(prevValue)` and the entry after it, if any, is reweighed to
+   * `nextWeight(nextValue)` (values -1 when there is no such neighbour).
+   */
+  insertLinked(
+    key: bigint,
+    value: number,
+    weightOf: (prev: number) => number,
+    nextWeight: (next: number) => number,
+  ): void {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    const prev = i > 0 ? leaf.vals[i - 1]! : leaf.prev ? leaf.prev.vals[leaf.prev.n - 1]! : -1;
+    if (i < leaf.n) setWeightAt(leaf, i, nextWeight(leaf.vals[i]!));
+    else if (leaf.next) setWeightAt(leaf.next, 0, nextWeight(leaf.next.vals[0]!));
+    this.set(key, value, weightOf(prev));
+  }
+
+  /**
+   * Removes `key` in one descent; the entry after it, if any, is reweighed to
+   * `nextWeight(prevValue, nextValue)` (prevValue -1 when none). Returns the next entry's value,
+   * -1 when there is none, or -2 when `key` was absent.
+   */
+  deleteLinked(key: bigint, nextWeight: (prev: number, next: number) => number): number {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    if (i >= leaf.n || leaf.keys[i] !== key) return -2;
+    const prev = i > 0 ? leaf.vals[i - 1]! : leaf.prev ? leaf.prev.vals[leaf.prev.n - 1]! : -1;
+    let next = -1;
+    if (i + 1 < leaf.n) {
+      next = leaf.vals[i + 1]!;
+      setWeightAt(leaf, i + 1, nextWeight(prev, next));
+    } else if (leaf.next) {
+      next = leaf.next.vals[0]!;
+      setWeightAt(leaf.next, 0, nextWeight(prev, next));
+    }
+    this.#deleteAt(leaf, i);
+    return next;
+  }
+
   /** The weight of `key`, or -1 when absent. */
   weight(key: bigint): number {
     const leaf = this.#leafFor(key);
@@ -296,6 +337,11 @@ export class OrderedU64Map {
     const leaf = this.#leafFor(key);
     const i = lowerBound(leaf.keys, leaf.n, key);
     if (i >= leaf.n || leaf.keys[i] !== key) return false;
+    this.#deleteAt(leaf, i);
+    return true;
+  }
+
+  #deleteAt(leaf: Leaf, i: number): void {
     const w = leaf.weights[i]!;
     leaf.keys.copyWithin(i, i + 1, leaf.n);
     leaf.vals.copyWithin(i, i + 1, leaf.n);
@@ -307,7 +353,6 @@ export class OrderedU64Map {
       if (leaf.next) leaf.next.prev = leaf.prev;
       this.#removeChild(leaf);
     } else if (w === leaf.max) recompute(leaf);
-    return true;
   }
 
   #removeChild(node: Leaf | Inner): void {
