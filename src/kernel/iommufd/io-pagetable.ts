@@ -685,7 +685,10 @@ export class IoPagetable {
         throw kernelError('EBUSY', `area 0x${aStart.toString(16)} is locked by an internal access`);
       }
       if (aStart < from || aLast > last) {
-        throw kernelError('ENOENT', `area 0x${aStart.toString(16)}..0x${aLast.toString(16)} is cut by the range`);
+        throw kernelError(
+          'ENOENT',
+          `area 0x${aStart.toString(16)}..0x${aLast.toString(16)} is cut by the range`,
+        );
       }
       if (aStart !== from) tries = 0;
       if (st && st.accesses > 0) {
