@@ -62,8 +62,11 @@ export interface HwptGetDirtyBitmapArgs {
   iova: bigint;
   length: bigint;
   pageSize: bigint;
-  /** The bitmap: u64 words, little-endian; bits are only set, never cleared. */
-  data: Uint8Array;
+  /**
+   * The bitmap: u64 words (as bytes of little-endian words, or as the words themselves); bits are
+   * only set, never cleared.
+   */
+  data: Uint8Array | BigUint64Array;
 }
 
 export function device(core: IommufdCore, id: number, op: string): DeviceObject {
@@ -372,16 +375,22 @@ export function hwptGetDirtyBitmap(core: IommufdCore, args: HwptGetDirtyBitmapAr
   // iova_bitmap: one bit per 1 << __ffs(page_size) bytes, in u64 words.
   const shift = ctz(pageSize);
   const words = ((lengthM1 >> BigInt(shift)) >> 6n) + 1n;
-  if (words * 8n > BigInt(args.data.length)) {
-    throw kernelError('EFAULT', `bitmap needs ${words * 8n} bytes, has ${args.data.length}`, { op });
+  const data = args.data;
+  if (words * 8n > BigInt(data.byteLength)) {
+    throw kernelError('EFAULT', `bitmap needs ${words * 8n} bytes, has ${data.byteLength}`, { op });
   }
   const runEnd = hwpt.ioas.iopt.contigEnd(iova, last);
   if (runEnd < 0n) return;
-  const data = args.data;
-  const set = (b: number): void => {
-    const byte = Math.floor(b / 8);
-    data[byte] = data[byte]! | (1 << (b % 8));
-  };
+  const set =
+    data instanceof BigUint64Array
+      ? (b: number): void => {
+          const w = Math.floor(b / 64);
+          data[w] = data[w]! | (1n << BigInt(b % 64));
+        }
+      : (b: number): void => {
+          const byte = Math.floor(b / 8);
+          data[byte] = data[byte]! | (1 << (b % 8));
+        };
   const basePage = Number(iova >> 12n);
   const clear = (args.flags & HWPT_GET_DIRTY_BITMAP_NO_CLEAR) === 0;
   if (shift >= 12) {

@@ -132,10 +132,33 @@ test('bitmap layout: bit (a - iova) / page_size in little-endian u64 words; bits
     pageSize: 4096n,
     data,
   });
-  const words = new BigUint64Array(data.buffer);
-  assert.equal(words[0], (1n << 0n) | (1n << 1n) | (1n << 63n));
-  assert.equal(words[1], 0b11n);
-  assert.equal(words[3], (1n << 8n) | (1n << 63n));
+  const words = new DataView(data.buffer);
+  assert.equal(words.getBigUint64(0, true), (1n << 0n) | (1n << 1n) | (1n << 63n));
+  assert.equal(words.getBigUint64(8, true), 0b11n);
+  assert.equal(words.getBigUint64(24, true), (1n << 8n) | (1n << 63n));
+  // The same as u64 words; a short array faults.
+  const u64 = new BigUint64Array(4);
+  ctx.hwptGetDirtyBitmap({
+    hwptId: hwpt,
+    flags: NO_CLEAR,
+    iova: BASE,
+    length: 1n * MiB,
+    pageSize: 4096n,
+    data: u64,
+  });
+  assert.deepEqual([...u64], [(1n << 0n) | (1n << 1n) | (1n << 63n), 0b11n, 0n, 1n << 8n]);
+  throwsErrno(
+    () =>
+      ctx.hwptGetDirtyBitmap({
+        hwptId: hwpt,
+        flags: 0,
+        iova: BASE,
+        length: 1n * MiB,
+        pageSize: 4096n,
+        data: new BigUint64Array(3),
+      }),
+    'EFAULT',
+  );
   // Larger page size: one bit per 8 KiB (pages 0,1 -> 0; 63 -> 31; 64,65 -> 32; 200 -> 100).
   assert.deepEqual(read(ctx, hwpt, { pageSize: 8192n, flags: NO_CLEAR }), [0, 31, 32, 100]);
   assert.deepEqual(read(ctx, hwpt, { pageSize: 1n * MiB, flags: NO_CLEAR }), [0]);
