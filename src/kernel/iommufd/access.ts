@@ -1,5 +1,6 @@
 import { internalError, kernelError } from '../../uapi/error.js';
 import { PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
+import { withOp } from './errors.js';
 import type { AccessSeg, IoptAccess } from './io-pagetable.js';
 import type { AccessObject, IoasObject, IommufdCore } from './objects.js';
 
@@ -91,8 +92,7 @@ export class IommufdAccess implements AccessObject, IoptAccess {
     try {
       ioas.iopt.addAccess(access);
     } catch (err) {
-      const e = err as { errno: never; message: string };
-      throw kernelError(e.errno, e.message, { op });
+      throw withOp(err, op);
     }
     ioas.users++;
     return core.add(access);
@@ -141,9 +141,7 @@ export class IommufdAccess implements AccessObject, IoptAccess {
     try {
       segs = ioas.iopt.accessPin(iova, last, options.write ?? false, this.internal);
     } catch (err) {
-      const e = err as { errno?: never; message: string };
-      if (e.errno === undefined) throw err;
-      throw kernelError(e.errno, e.message, { op });
+      throw withOp(err, op);
     }
     const pin: Pin = { segs, live: true };
     const key = `${iova}:${length}`;
@@ -195,9 +193,7 @@ export class IommufdAccess implements AccessObject, IoptAccess {
     try {
       ioas.iopt.accessRw(iova, data, options.write ?? false);
     } catch (err) {
-      const e = err as { errno?: never; message: string };
-      if (e.errno === undefined) throw err;
-      throw kernelError(e.errno, e.message, { op });
+      throw withOp(err, op);
     }
   }
 

@@ -10,6 +10,7 @@ import {
   U64_MAX,
 } from '../../uapi/iommufd.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
+import { withOp } from './errors.js';
 import type { DeviceObject, HwptPagingObject, IoasObject, IommufdCore } from './objects.js';
 
 /**
@@ -80,14 +81,6 @@ export function hwptPaging(core: IommufdCore, id: number, op: string): HwptPagin
   const obj = core.objects.get(id);
   if (obj?.kind !== 'hwpt_paging') throw kernelError('ENOENT', `no paging HWPT ${id}`, { op });
   return obj;
-}
-
-function withOp(err: unknown, op: string): unknown {
-  if (err && typeof err === 'object' && 'errno' in err && (err as { op?: string }).op === undefined) {
-    const e = err as { errno: string; message: string };
-    return kernelError(e.errno as never, e.message, { op });
-  }
-  return err;
 }
 
 // ---- lifetime ---------------------------------------------------------------------------------
