@@ -1,3 +1,5 @@
+import { internalError } from '../../uapi/error.js';
+
 /**
  * A compact B+tree from u64 keys (bigint) to int32 values: keys and values live in typed arrays
  * inside 64-slot nodes, so a million entries cost a few tens of bytes each and no object per entry.
@@ -157,6 +159,11 @@ export class OrderedU64Map {
       setWeightAt(leaf, i, weight);
       return;
     }
+    this.#insertNew(leaf, i, key, value, weight);
+  }
+
+  /** Inserts an absent key at slot `i` of `leaf` (where the search put it). */
+  #insertNew(leaf: Leaf, i: number, key: bigint, value: number, weight: number): void {
     this.#size++;
     if (leaf.n < B) {
       insertAt(leaf, i, key, value, weight);
@@ -208,9 +215,12 @@ export class OrderedU64Map {
     const leaf = this.#leafFor(key);
     const i = lowerBound(leaf.keys, leaf.n, key);
     const prev = i > 0 ? leaf.vals[i - 1]! : leaf.prev ? leaf.prev.vals[leaf.prev.n - 1]! : -1;
-    if (i < leaf.n) setWeightAt(leaf, i, nextWeight(leaf.vals[i]!));
-    else if (leaf.next) setWeightAt(leaf.next, 0, nextWeight(leaf.next.vals[0]!));
-    this.set(key, value, weightOf(prev));
+    if (i < leaf.n) {
+      if (leaf.keys[i] === key)
+        throw internalError(`insertLinked: key 0x${key.toString(16)} already present`);
+      setWeightAt(leaf, i, nextWeight(leaf.vals[i]!));
+    } else if (leaf.next) setWeightAt(leaf.next, 0, nextWeight(leaf.next.vals[0]!));
+    this.#insertNew(leaf, i, key, value, weightOf(prev));
   }
 
   /**
