@@ -9,6 +9,8 @@
 const CHUNK_SHIFT = 15;
 const CHUNK_PAGES = 1 << CHUNK_SHIFT;
 const CHUNK_WORDS = CHUNK_PAGES >>> 5;
+/** Slot after the bit words holding the number of non-zero words (a chunk goes when it is 0). */
+const NZ = CHUNK_WORDS;
 
 export class DirtyBitmap {
   #chunks = new Map<number, Uint32Array>();
@@ -24,7 +26,7 @@ export class DirtyBitmap {
     if (key === this.#lastKey) return this.#last!;
     let c = this.#chunks.get(key);
     if (!c) {
-      c = new Uint32Array(CHUNK_WORDS);
+      c = new Uint32Array(CHUNK_WORDS + 1);
       this.#chunks.set(key, c);
     }
     this.#lastKey = key;
@@ -48,7 +50,12 @@ export class DirtyBitmap {
       const c = this.#chunk(key);
       const base = key * CHUNK_PAGES;
       const end = Math.min(last, base + CHUNK_PAGES - 1);
-      for (let i = p - base; i <= end - base; i++) c[i >>> 5]! |= 1 << (i & 31);
+      for (let i = p - base; i <= end - base; i++) {
+        const w = i >>> 5;
+        const old = c[w]!;
+        if (old === 0) c[NZ]!++;
+        c[w] = old | (1 << (i & 31));
+      }
       p = end + 1;
     }
   }
@@ -106,14 +113,17 @@ export class DirtyBitmap {
         if (wlo < lo) word &= ~0 << (lo - wlo);
         if (wlo + 31 > hi) word &= ~0 >>> (31 - (hi - wlo));
         if (word === 0) continue;
-        if (clear) c[w] = c[w]! & ~word;
+        if (clear) {
+          c[w] = c[w]! & ~word;
+          if (c[w] === 0) c[NZ]!--;
+        }
         while (word !== 0) {
           const bit = 31 - Math.clz32(word & -word);
           fn(base + wlo + bit);
           word &= word - 1;
         }
       }
-      if (clear && isZero(c)) {
+      if (clear && c[NZ] === 0) {
         this.#chunks.delete(key);
         if (this.#lastKey === key) {
           this.#lastKey = -1;
@@ -129,9 +139,4 @@ export class DirtyBitmap {
     this.forEachDirty(0, Number.MAX_SAFE_INTEGER, false, (p) => out.push(p));
     return out;
   }
-}
-
-function isZero(c: Uint32Array): boolean {
-  for (let i = 0; i < c.length; i++) if (c[i] !== 0) return false;
-  return true;
 }

@@ -670,7 +670,8 @@ export class IoPagetable {
    * `iopt_unmap_iova_range`: whole areas in [start, last], ascending; not atomic. Per area: locked
    * by an internal access -> EBUSY; cut by the range -> ENOENT; pinned by accesses -> they are
    * told to unpin and the area is looked at again, EDEADLOCK after 100 tries without progress.
-   * Nothing unmapped -> ENOENT unless `allowEmpty` (unmap all).
+   * Nothing unmapped -> ENOENT unless `allowEmpty` (unmap all). The kernel's other EBUSY, an area
+   * still being created by a concurrent map, cannot happen here: a map is one synchronous call.
    */
   unmapRange(start: bigint, last: bigint, allowEmpty = false): bigint {
     let unmapped = 0n;
