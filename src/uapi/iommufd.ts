@@ -59,6 +59,25 @@ export const HwptAllocFlag = {
   FAULT_ID_VALID: 4,
   PASID: 8,
 } as const;
+export const HWPT_ALLOC_FLAGS_ALL =
+  HwptAllocFlag.NEST_PARENT |
+  HwptAllocFlag.DIRTY_TRACKING |
+  HwptAllocFlag.FAULT_ID_VALID |
+  HwptAllocFlag.PASID;
+
+/** `enum iommu_hwpt_data_type` (driver data for HWPT_ALLOC). */
+export const HwptDataType = {
+  NONE: 0,
+  VTD_S1: 1,
+  ARM_SMMUV3: 2,
+} as const;
+
+/** `enum iommu_hw_info_type` (GET_HW_INFO out_data_type). */
+export const HwInfoType = {
+  NONE: 0,
+  INTEL_VTD: 1,
+  ARM_SMMUV3: 2,
+} as const;
 
 /** `enum iommufd_hwpt_set_dirty_tracking_flags`. */
 export const HWPT_DIRTY_TRACKING_ENABLE = 1;

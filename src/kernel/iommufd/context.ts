@@ -9,34 +9,33 @@ import {
   U64_MAX,
 } from '../../uapi/iommufd.js';
 import type { Process } from '../host/host.js';
+import { type AccessCreateOptions, type AccessOps, IommufdAccess } from './access.js';
+import {
+  attachDevice,
+  detachDevice,
+  device,
+  freeHwpt,
+  type GetHwInfoArgs,
+  getHwInfo,
+  type HwptAllocArgs,
+  hwptAlloc,
+  type HwptGetDirtyBitmapArgs,
+  hwptGetDirtyBitmap,
+  type HwptSetDirtyTrackingArgs,
+  hwptSetDirtyTracking,
+} from './hwpt.js';
 import { AreaProt, IoPagetable, type PagesElm } from './io-pagetable.js';
+import type { DeviceObject, HwptPagingObject, IoasObject, IommufdCore, IommufdObject } from './objects.js';
 import { AccountMode, PagesTable } from './pages.js';
 
-export interface IoasObject {
-  readonly kind: 'ioas';
-  id: number;
-  readonly iopt: IoPagetable;
-  /** HWPTs and accesses holding this IOAS. */
-  users: number;
-}
-
-export interface HwptPagingObject {
-  readonly kind: 'hwpt_paging';
-  id: number;
-  readonly ioas: IoasObject;
-  readonly auto: boolean;
-  readonly devices: Set<DeviceObject>;
-}
-
-export interface DeviceObject {
-  readonly kind: 'device';
-  id: number;
-  readonly name: string;
-  readonly reservedIovaRanges: readonly IovaRange[];
-  hwpt: HwptPagingObject | undefined;
-}
-
-export type IommufdObject = IoasObject | HwptPagingObject | DeviceObject;
+export type {
+  AccessObject,
+  DeviceObject,
+  HwptPagingObject,
+  IoasObject,
+  IommufdCore,
+  IommufdObject,
+} from './objects.js';
 
 export interface IoasMapArgs {
   flags: number;
@@ -95,7 +94,7 @@ export interface OptionArgs {
 }
 
 /** Shared state of one open /dev/iommu: the object table, the pages, the accounting mode. */
-class IommufdState {
+class IommufdState implements IommufdCore {
   readonly objects = new Map<number, IommufdObject>();
   readonly pages = new PagesTable();
   accountMode: AccountMode;
@@ -175,8 +174,10 @@ export class IommufdContext {
       if (this.#s.vfioIoas === obj) this.#s.vfioIoas = undefined;
     } else if (obj.kind === 'hwpt_paging') {
       if (obj.devices.size > 0) throw kernelError('EBUSY', `HWPT ${obj.id} has devices`, { op: 'DESTROY' });
-      this.#freeHwpt(obj);
+      freeHwpt(this.#s, obj);
       return;
+    } else if (obj.kind === 'access') {
+      throw kernelError('EBUSY', `access ${obj.id} is owned by its driver`, { op: 'DESTROY' });
     } else {
       throw kernelError('EBUSY', `device ${obj.id} is owned by its VFIO device`, { op: 'DESTROY' });
     }
@@ -186,8 +187,9 @@ export class IommufdContext {
   /** close(fd): everything destroyed leaf-first; pins released. */
   close(): void {
     if (this.#s.closed) return;
+    for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'access') obj.release();
     for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'device') this.unbindDevice(obj.id);
-    for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'hwpt_paging') this.#freeHwpt(obj);
+    for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'hwpt_paging') freeHwpt(this.#s, obj);
     for (const obj of [...this.#s.objects.values()]) if (obj.kind === 'ioas') obj.iopt.unmapAll();
     this.#s.objects.clear();
     this.#s.vfioIoas = undefined;
@@ -455,14 +457,20 @@ export class IommufdContext {
 
   // ---- devices (minimal VFIO cdev bind/attach) ---------------------------------------------
 
-  /** VFIO_DEVICE_BIND_IOMMUFD: a DEVICE object; returns out_devid. */
-  bindDevice(args: { name: string; reservedIovaRanges?: IovaRange[] }): { outDevid: number } {
+  /**
+   * VFIO_DEVICE_BIND_IOMMUFD: a DEVICE object; returns out_devid. `dirtyTracking`: the device's
+   * IOMMU can track dirty pages (IOMMU_CAP_DIRTY_TRACKING), default false.
+   */
+  bindDevice(args: { name: string; reservedIovaRanges?: IovaRange[]; dirtyTracking?: boolean }): {
+    outDevid: number;
+  } {
     this.#live();
     const dev = this.#s.add<DeviceObject>({
       kind: 'device',
       id: 0,
       name: args.name,
       reservedIovaRanges: args.reservedIovaRanges ?? [],
+      dirtyTracking: args.dirtyTracking ?? false,
       hwpt: undefined,
     });
     return { outDevid: dev.id };
@@ -470,77 +478,78 @@ export class IommufdContext {
 
   /** Closing the VFIO device fd: detach, then the DEVICE object goes. */
   unbindDevice(devId: number): void {
-    const dev = this.#device(devId, 'UNBIND');
+    const dev = device(this.#s, devId, 'UNBIND');
     if (dev.hwpt) this.detach({ devId });
     this.#s.objects.delete(dev.id);
   }
 
-  #device(id: number, op: string): DeviceObject {
-    const obj = this.#get(id);
-    if (obj?.kind !== 'device') throw kernelError('ENOENT', `no device ${id}`, { op });
-    return obj;
-  }
-
   /**
    * VFIO_DEVICE_ATTACH_IOMMUFD_PT to an IOAS (auto HWPT_PAGING, reused when one exists) or to a
-   * HWPT_PAGING. Attaching fills the domain: every area pinned (EFAULT/ENOMEM, undone on failure).
-   * Returns the HWPT id (`pt_id` out).
+   * HWPT_PAGING; on an attached device it replaces the attachment (no change on failure).
+   * Attaching fills the domain: every area pinned (EFAULT/ENOMEM, undone on failure). Returns the
+   * HWPT id (`pt_id` out).
    */
   attachIoas(args: { devId: number; ptId: number }): { ptId: number } {
     this.#live();
     const op = 'ATTACH_IOMMUFD_PT';
-    const dev = this.#device(args.devId, op);
-    const target = this.#get(args.ptId);
-    if (!target || (target.kind !== 'ioas' && target.kind !== 'hwpt_paging')) {
-      throw kernelError('ENOENT', `no IOAS/HWPT ${args.ptId}`, { op });
-    }
-    if (dev.hwpt && (dev.hwpt === target || dev.hwpt.ioas === target)) return { ptId: dev.hwpt.id };
-    let hwpt: HwptPagingObject;
-    if (target.kind === 'hwpt_paging') hwpt = target;
-    else {
-      const existing = [...this.#s.objects.values()].find(
-        (o): o is HwptPagingObject => o.kind === 'hwpt_paging' && o.auto && o.ioas === target,
-      );
-      hwpt = existing ?? this.#newHwpt(target, true, dev, op);
-    }
-    const old = dev.hwpt;
-    if (old) this.detach({ devId: dev.id });
-    hwpt.devices.add(dev);
-    dev.hwpt = hwpt;
-    return { ptId: hwpt.id };
-  }
-
-  #newHwpt(ioas: IoasObject, auto: boolean, dev: DeviceObject, op: string): HwptPagingObject {
-    const hwpt: HwptPagingObject = { kind: 'hwpt_paging', id: 0, ioas, auto, devices: new Set() };
-    try {
-      ioas.iopt.addDomain(dev.reservedIovaRanges, hwpt);
-    } catch (err) {
-      throw withOp(err, op);
-    }
-    ioas.users++;
-    return this.#s.add(hwpt);
+    const dev = device(this.#s, args.devId, op);
+    return { ptId: attachDevice(this.#s, dev, args.ptId, op) };
   }
 
   /** VFIO_DEVICE_DETACH_IOMMUFD_PT: an auto HWPT goes with its last device. */
   detach(args: { devId: number }): void {
-    const dev = this.#device(args.devId, 'DETACH_IOMMUFD_PT');
-    const hwpt = dev.hwpt;
-    if (!hwpt) return;
-    hwpt.devices.delete(dev);
-    dev.hwpt = undefined;
-    if (hwpt.auto && hwpt.devices.size === 0) this.#freeHwpt(hwpt);
-  }
-
-  #freeHwpt(hwpt: HwptPagingObject): void {
-    hwpt.ioas.iopt.removeDomain(hwpt);
-    hwpt.ioas.users--;
-    this.#s.objects.delete(hwpt.id);
+    detachDevice(this.#s, device(this.#s, args.devId, 'DETACH_IOMMUFD_PT'));
   }
 
   /** The IOAS a device currently reaches through its HWPT, if attached. */
   deviceIoas(devId: number): IoasObject | undefined {
+    return this.deviceHwpt(devId)?.ioas;
+  }
+
+  /** The HWPT a device is attached to, if any. */
+  deviceHwpt(devId: number): HwptPagingObject | undefined {
     const obj = this.#get(devId);
-    return obj?.kind === 'device' ? obj.hwpt?.ioas : undefined;
+    return obj?.kind === 'device' ? obj.hwpt : undefined;
+  }
+
+  // ---- HWPT ---------------------------------------------------------------------------------
+
+  /** IOMMU_HWPT_ALLOC (see hwpt.ts for the errno order). */
+  hwptAlloc(args: HwptAllocArgs): { outHwptId: number } {
+    this.#live();
+    return hwptAlloc(this.#s, args);
+  }
+
+  /** IOMMU_GET_HW_INFO. */
+  getHwInfo(args: GetHwInfoArgs): { outDataType: number; dataLen: number; outCapabilities: bigint } {
+    this.#live();
+    return getHwInfo(this.#s, args);
+  }
+
+  /** IOMMU_HWPT_SET_DIRTY_TRACKING. */
+  hwptSetDirtyTracking(args: HwptSetDirtyTrackingArgs): void {
+    this.#live();
+    hwptSetDirtyTracking(this.#s, args);
+  }
+
+  /** IOMMU_HWPT_GET_DIRTY_BITMAP. */
+  hwptGetDirtyBitmap(args: HwptGetDirtyBitmapArgs): void {
+    this.#live();
+    hwptGetDirtyBitmap(this.#s, args);
+  }
+
+  // ---- accesses (in-kernel users: emulated/mediated devices) --------------------------------
+
+  /** `iommufd_access_create` + attach to `ioasId` (ENOENT, EADDRINUSE). */
+  accessCreate(ioasId: number, ops: AccessOps, options: AccessCreateOptions = {}): IommufdAccess {
+    this.#live();
+    return IommufdAccess.create(this.#s, ioasId, ops, false, options);
+  }
+
+  /** An internal access (as for HW queues): no unmap notice, its pins lock the areas. */
+  accessCreateInternal(ioasId: number): IommufdAccess {
+    this.#live();
+    return IommufdAccess.create(this.#s, ioasId, undefined, true);
   }
 
   // ---- VFIO compat IOAS (the container ioctls live in vfio-compat.ts) -------------------------

@@ -1,11 +1,12 @@
 import { type DmaAccess, DmaFault, type DmaSpace } from '../vfio/dma-port.js';
-import type { IoasObject, IommufdContext } from './context.js';
+import type { HwptPagingObject, IommufdContext } from './context.js';
 import { AreaProt } from './io-pagetable.js';
 
 /**
  * A device's view of memory through iommufd: IOVA -> area -> pages -> the owner's bytes (process
  * memory by VA, or the memfd by offset). Unmapped IOVA, a device not attached, or a write to a
- * read-only area raise DmaFault.
+ * read-only area raise DmaFault. Writes set the dirty bits of the device's HWPT while its dirty
+ * tracking is on (what the IOMMU does in the IOPTEs).
  */
 export class IoasDmaSpace implements DmaSpace {
   readonly #ctx: IommufdContext;
@@ -27,9 +28,10 @@ export class IoasDmaSpace implements DmaSpace {
       n: number,
     ) => void,
   ): void {
-    const ioas: IoasObject | undefined = this.#ctx.deviceIoas(this.#devId);
-    if (!ioas) throw new DmaFault(iova, access, 'device not attached');
-    const iopt = ioas.iopt;
+    const hwpt: HwptPagingObject | undefined = this.#ctx.deviceHwpt(this.#devId);
+    if (!hwpt) throw new DmaFault(iova, access, 'device not attached');
+    const iopt = hwpt.ioas.iopt;
+    const dirty = access === 'write' && hwpt.dirtyTracking ? hwpt.dirty : undefined;
     const need = access === 'write' ? AreaProt.WRITE : AreaProt.READ;
     let done = 0;
     while (done < length) {
@@ -43,6 +45,7 @@ export class IoasDmaSpace implements DmaSpace {
       const addr = iopt.pages.start(pagesId) + iopt.areaOffset(a) + (at - iopt.areaIova(a));
       const src = iopt.pages.source(pagesId);
       fn(src.file ? { file: src.file } : { mm: src.mm! }, addr, done, n);
+      dirty?.mark(at, n);
       done += n;
     }
   }

@@ -1,5 +1,6 @@
 import { kernelError } from '../../uapi/error.js';
 import { HPAGE_SIZE_N, type IovaRange, PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 import { OrderedU64Map } from './ordered-map.js';
 import type { PagesTable } from './pages.js';
 
@@ -18,7 +19,37 @@ export interface ReservedRange extends IovaRange {
   owner: unknown;
 }
 
+/**
+ * An in-kernel user of the IOAS (`struct iommufd_access` as the io page table sees it): its IOVA
+ * alignment feeds `iova_alignment`; unmaps of areas it pinned are announced to it, unless it is
+ * internal (then its pins lock the areas instead).
+ */
+export interface IoptAccess {
+  readonly iovaAlignment: bigint;
+  readonly internal: boolean;
+  notifyUnmap(iova: bigint, length: bigint): void;
+}
+
+/** One area's part of an access pin: pages [first, last] of the area's pages object. */
+export interface AccessSeg {
+  area: number;
+  pagesId: number;
+  first: number;
+  last: number;
+}
+
+/** `num_accesses`, `num_locks` and `prevent_access` of an area; only areas with accesses have one. */
+interface AreaAccessState {
+  accesses: number;
+  locks: number;
+  prevent: boolean;
+}
+
+/** How many times IOAS_UNMAP asks accesses to unpin one area before giving up (EDEADLOCK). */
+export const UNMAP_NOTIFY_TRIES = 100;
+
 const ULONG_HALF = U64_MAX / 2n;
+const MAX_EXACT = BigInt(Number.MAX_SAFE_INTEGER);
 
 function roundupPow2(n: bigint): bigint {
   let p = 1n;
@@ -37,11 +68,26 @@ function overlaps(a: IovaRange, start: bigint, last: bigint): boolean {
   return a.start <= last && start <= a.last;
 }
 
+/** A hole size as a tree weight, never rounded below the exact size. */
+function holeWeight(size: bigint): number {
+  const f = Number(size);
+  return size <= MAX_EXACT ? f : f * (1 + Number.EPSILON);
+}
+
+/** A length as a search threshold, never rounded above the exact length. */
+function lengthThreshold(length: bigint): number {
+  const f = Number(length);
+  return length <= MAX_EXACT ? f : f * (1 - Number.EPSILON);
+}
+
 /**
  * `struct io_pagetable`: the areas of one IOAS in a B+tree keyed by IOVA, each area a compact
  * record in parallel typed arrays (IOVA, last, pages id, offset in pages, prot), plus the reserved
- * and allowed ranges and the IOVA alignment rules. Areas are pinned ("filled") while at least one
- * domain is attached.
+ * and allowed ranges, the IOVA alignment rules and the accesses. Areas are pinned ("filled") while
+ * at least one domain is attached; accesses pin the parts they use.
+ *
+ * Each area is weighted in the tree by the size of the hole in front of it, so automatic IOVA
+ * allocation finds the lowest fitting hole in O(log n) instead of walking every area.
  */
 export class IoPagetable {
   readonly pages: PagesTable;
@@ -59,6 +105,10 @@ export class IoPagetable {
   #reserved: ReservedRange[] = [];
   #allowed: IovaRange[] = [];
   #domains = 0;
+  /** Dirty bits of the attached domains that track them, by domain owner. */
+  #dirty = new Map<unknown, DirtyBitmap>();
+  #accesses = new Set<IoptAccess>();
+  #areaState = new Map<number, AreaAccessState>();
   disableLargePages = false;
 
   constructor(pages: PagesTable, options: { thp?: boolean } = {}) {
@@ -72,6 +122,9 @@ export class IoPagetable {
   get domainCount(): number {
     return this.#domains;
   }
+  get accessCount(): number {
+    return this.#accesses.size;
+  }
   get allowed(): readonly IovaRange[] {
     return this.#allowed;
   }
@@ -79,9 +132,11 @@ export class IoPagetable {
     return this.#reserved;
   }
 
-  /** `iopt->iova_alignment`. */
+  /** `iopt->iova_alignment`: max of domain page size, accesses' alignment, PAGE_SIZE if HUGE_PAGES=0. */
   get iovaAlignment(): bigint {
-    return this.#domains > 0 || this.disableLargePages ? PAGE_SIZE_N : 1n;
+    let align = this.#domains > 0 || this.disableLargePages ? PAGE_SIZE_N : 1n;
+    for (const acc of this.#accesses) if (acc.iovaAlignment > align) align = acc.iovaAlignment;
+    return align;
   }
 
   // ---- area records -------------------------------------------------------------------------
@@ -106,6 +161,25 @@ export class IoPagetable {
     this.#cap = cap;
   }
 
+  /** Inserts area `a` in the tree, weighted by the hole before it; reweighs its successor. */
+  #link(a: number): void {
+    const s = this.#iova[a]!;
+    const l = this.#last[a]!;
+    this.#tree.insertLinked(
+      s,
+      a,
+      (prev) => holeWeight(s - (prev >= 0 ? this.#last[prev]! + 1n : 0n)),
+      (next) => holeWeight(this.#iova[next]! - l - 1n),
+    );
+  }
+
+  /** Removes area `a` from the tree (its successor's hole grows over it); returns the successor or -1. */
+  #unlink(a: number): number {
+    return this.#tree.deleteLinked(this.#iova[a]!, (prev, next) =>
+      holeWeight(this.#iova[next]! - (prev >= 0 ? this.#last[prev]! + 1n : 0n)),
+    );
+  }
+
   #newArea(iova: bigint, elm: PagesElm, prot: number): number {
     let a = this.#free.pop();
     if (a === undefined) {
@@ -118,16 +192,29 @@ export class IoPagetable {
     this.#pid[a] = elm.pagesId;
     this.#prot[a] = prot;
     this.pages.ref(elm.pagesId);
-    this.#tree.set(iova, a);
+    this.#link(a);
     return a;
   }
 
-  #dropArea(a: number): void {
-    if (this.#domains > 0) this.#unpinArea(a);
-    this.#tree.delete(this.#iova[a]!);
+  /** Frees an area record that holds no pin; returns the next area or -1. */
+  #freeArea(a: number): number {
+    const next = this.#unlink(a);
     this.pages.unref(this.#pid[a]!);
     this.#pid[a] = -1;
+    if (this.#areaState.size > 0) this.#areaState.delete(a);
     this.#free.push(a);
+    return next;
+  }
+
+  /** Unmaps area `a` (unpinned from the domains, dirty bits dropped); returns the next area or -1. */
+  #dropArea(a: number): number {
+    if (this.#domains > 0) this.#unpinArea(a);
+    if (this.#dirty.size > 0) {
+      const first = Number(this.#iova[a]! >> 12n);
+      const last = Number(this.#last[a]! >> 12n);
+      for (const bitmap of this.#dirty.values()) bitmap.clearPages(first, last);
+    }
+    return this.#freeArea(a);
   }
 
   areaIova(a: number): bigint {
@@ -144,6 +231,14 @@ export class IoPagetable {
   }
   areaProt(a: number): number {
     return this.#prot[a]!;
+  }
+  /** `num_accesses` of area `a`. */
+  areaAccesses(a: number): number {
+    return this.#areaState.get(a)?.accesses ?? 0;
+  }
+  /** `num_locks` of area `a`. */
+  areaLocks(a: number): number {
+    return this.#areaState.get(a)?.locks ?? 0;
   }
 
   /** The area containing `iova`, or -1. */
@@ -173,12 +268,18 @@ export class IoPagetable {
     return last === U64_MAX ? -1 : this.#tree.ceil(last + 1n);
   }
 
+  /** Absolute source address (VA or file offset) of the area's byte at `iova`. */
+  #sourceAddr(a: number, iova: bigint): bigint {
+    return this.pages.start(this.#pid[a]!) + this.#off[a]! + (iova - this.#iova[a]!);
+  }
+
   // ---- pinning ------------------------------------------------------------------------------
 
   #pinArea(a: number): void {
     const id = this.#pid[a]!;
     const [first, last] = this.pages.pageRange(id, this.#off[a]!, this.#last[a]! - this.#iova[a]! + 1n);
-    this.pages.pin(id, first, last, (this.#prot[a]! & AreaProt.WRITE) !== 0);
+    // FOLL_WRITE follows the pages object (mapped WRITEABLE), not this area's prot.
+    this.pages.pin(id, first, last, this.pages.writable(id));
   }
 
   #unpinArea(a: number): void {
@@ -187,49 +288,221 @@ export class IoPagetable {
     this.pages.unpin(id, first, last);
   }
 
+  /** `iopt_check_iova_alignment`: every area's IOVA, length and page offset aligned, else EADDRINUSE. */
+  #checkAlignment(align: bigint): void {
+    const mask = align - 1n;
+    let bad = false;
+    this.#tree.scan(0n, (_k, a) => {
+      const len = this.#last[a]! - this.#iova[a]! + 1n;
+      const pageOffset = this.#sourceAddr(a, this.#iova[a]!) % PAGE_SIZE_N;
+      if ((this.#iova[a]! & mask) !== 0n || (len & mask) !== 0n || (pageOffset & mask) !== 0n) {
+        bad = true;
+        return false;
+      }
+      return true;
+    });
+    if (bad) throw kernelError('EADDRINUSE', `an area is not aligned to ${align}`);
+  }
+
   /**
-   * A domain joins: the first one raises the alignment to PAGE_SIZE (misaligned area ->
-   * EADDRINUSE) and fills every area (pins; EFAULT/ENOMEM undo everything this call pinned).
+   * `iopt_reserve_iova` for each range of `owner` (a device's reserved regions): a range that
+   * hits an area or an allowed range -> EADDRINUSE, nothing reserved.
    */
-  addDomain(reserved: readonly IovaRange[], owner: unknown): void {
-    for (const r of reserved) {
-      if (this.#firstFrom(r.start) >= 0 && this.#iova[this.#firstFrom(r.start)]! <= r.last) {
-        throw kernelError('EADDRINUSE', 'device reserved range overlaps a mapped area');
+  reserve(ranges: readonly IovaRange[], owner: unknown): void {
+    for (const r of ranges) {
+      const a = this.#firstFrom(r.start);
+      if (a >= 0 && this.#iova[a]! <= r.last) {
+        throw kernelError('EADDRINUSE', 'reserved range overlaps a mapped area');
       }
       if (this.#allowed.some((al) => overlaps(al, r.start, r.last))) {
-        throw kernelError('EADDRINUSE', 'device reserved range overlaps an allowed range');
+        throw kernelError('EADDRINUSE', 'reserved range overlaps an allowed range');
       }
     }
-    if (this.#domains === 0) {
-      const all = this.areas();
-      const mask = PAGE_SIZE_N - 1n;
-      for (const a of all) {
-        const pagesStart = this.pages.start(this.#pid[a]!) + this.#off[a]!;
-        const len = this.#last[a]! - this.#iova[a]! + 1n;
-        if ((this.#iova[a]! & mask) !== 0n || (len & mask) !== 0n || (pagesStart & mask) !== 0n) {
-          throw kernelError('EADDRINUSE', 'an area is not aligned to the domain page size');
+    if (ranges.length === 0) return;
+    for (const r of ranges) this.#reserved.push({ start: r.start, last: r.last, owner });
+    this.#reserved.sort((x, y) => (x.start < y.start ? -1 : x.start > y.start ? 1 : 0));
+  }
+
+  /** Drops every reserved range of `owner`. */
+  unreserve(owner: unknown): void {
+    if (this.#reserved.some((r) => r.owner === owner)) {
+      this.#reserved = this.#reserved.filter((r) => r.owner !== owner);
+    }
+  }
+
+  /**
+   * A domain joins (`iopt_table_add_domain`), after `reserved` is reserved for `owner`: the first
+   * one raises the alignment to PAGE_SIZE (misaligned area -> EADDRINUSE) and fills every area
+   * (pins; EFAULT/ENOMEM undo everything this call did). `dirty` = the domain's dirty bits,
+   * cleared for every range unmapped while it is attached.
+   */
+  addDomain(reserved: readonly IovaRange[], owner: unknown, dirty?: DirtyBitmap): void {
+    this.reserve(reserved, owner);
+    try {
+      if (this.#domains === 0) {
+        const cur = this.iovaAlignment;
+        if (PAGE_SIZE_N > cur) this.#checkAlignment(PAGE_SIZE_N);
+        const all = this.areas();
+        let done = 0;
+        try {
+          for (const a of all) {
+            this.#pinArea(a);
+            done++;
+          }
+        } catch (err) {
+          for (let i = 0; i < done; i++) this.#unpinArea(all[i]!);
+          throw err;
         }
       }
-      let done = 0;
-      try {
-        for (const a of all) {
-          this.#pinArea(a);
-          done++;
-        }
-      } catch (err) {
-        for (let i = 0; i < done; i++) this.#unpinArea(all[i]!);
-        throw err;
-      }
+    } catch (err) {
+      this.unreserve(owner);
+      throw err;
     }
     this.#domains++;
-    for (const r of reserved) this.#reserved.push({ start: r.start, last: r.last, owner });
-    this.#reserved.sort((x, y) => (x.start < y.start ? -1 : x.start > y.start ? 1 : 0));
+    if (dirty) this.#dirty.set(owner, dirty);
   }
 
   /** A domain leaves: its reserved ranges go; the last one unpins every area. */
   removeDomain(owner: unknown): void {
-    this.#reserved = this.#reserved.filter((r) => r.owner !== owner);
+    this.unreserve(owner);
+    this.#dirty.delete(owner);
     if (--this.#domains === 0) for (const a of this.areas()) this.#unpinArea(a);
+  }
+
+  // ---- accesses -----------------------------------------------------------------------------
+
+  /** `iopt_add_access`: a raised alignment must fit every area (EADDRINUSE). */
+  addAccess(access: IoptAccess): void {
+    const cur = this.iovaAlignment;
+    if (access.iovaAlignment > cur) this.#checkAlignment(access.iovaAlignment);
+    this.#accesses.add(access);
+  }
+
+  removeAccess(access: IoptAccess): void {
+    this.#accesses.delete(access);
+  }
+
+  /** `iommufd_access_notify_unmap`: every non-internal access is asked to unpin [iova, +length). */
+  #notifyUnmap(iova: bigint, length: bigint): void {
+    for (const access of [...this.#accesses]) {
+      if (!access.internal && this.#accesses.has(access)) access.notifyUnmap(iova, length);
+    }
+  }
+
+  /**
+   * Walks the areas covering [iova, last] back to back (`iopt_for_each_contig_area`): `fn` gets
+   * each area and the part [cur, end] of it inside the range. A hole (or iova unmapped) -> ENOENT
+   * after the areas before it were visited.
+   */
+  #contig(iova: bigint, last: bigint, fn: (a: number, cur: bigint, end: bigint) => void): void {
+    let cur = iova;
+    let a = this.areaAt(iova);
+    while (a >= 0) {
+      const end = minU64(last, this.#last[a]!);
+      fn(a, cur, end);
+      if (end === last) return;
+      cur = end + 1n;
+      a = this.areaAt(cur);
+    }
+    throw kernelError('ENOENT', `IOVA 0x${cur.toString(16)} not mapped`);
+  }
+
+  /**
+   * `iommufd_access_pin_pages` below the access: pins the pages under [iova, last] for an access
+   * (`lock`: an internal access, the areas become unmappable, EBUSY). Per area: unmap in progress
+   * or not page aligned at the joins -> EINVAL; prot lacks what `write` needs -> EPERM; write to
+   * read-only pages -> EPERM; pin failures EFAULT/ENOMEM; hole -> ENOENT. All undone on failure.
+   */
+  accessPin(iova: bigint, last: bigint, write: boolean, lock: boolean): AccessSeg[] {
+    const segs: AccessSeg[] = [];
+    try {
+      this.#contig(iova, last, (a, cur, end) => {
+        const st = this.#areaState.get(a);
+        const startByte = this.#sourceAddr(a, cur);
+        const endByte = this.#sourceAddr(a, this.#last[a]!);
+        if (
+          st?.prevent ||
+          startByte % PAGE_SIZE_N !== 0n ||
+          (end < last && endByte % PAGE_SIZE_N !== PAGE_SIZE_N - 1n)
+        ) {
+          throw kernelError(
+            'EINVAL',
+            `area at 0x${this.#iova[a]!.toString(16)} is being unmapped or unaligned`,
+          );
+        }
+        if ((this.#prot[a]! & (write ? AreaProt.WRITE : AreaProt.READ)) === 0) {
+          throw kernelError('EPERM', `mapping is not ${write ? 'writ' : 'read'}able`);
+        }
+        const id = this.#pid[a]!;
+        if (write && !this.pages.writable(id)) throw kernelError('EPERM', 'pages are read-only');
+        const [first, lastIdx] = this.pages.pageRange(
+          id,
+          this.#off[a]! + (cur - this.#iova[a]!),
+          end - cur + 1n,
+        );
+        this.pages.pin(id, first, lastIdx, this.pages.writable(id));
+        const state = st ?? { accesses: 0, locks: 0, prevent: false };
+        state.accesses++;
+        if (lock) state.locks++;
+        this.#areaState.set(a, state);
+        segs.push({ area: a, pagesId: id, first, last: lastIdx });
+      });
+    } catch (err) {
+      this.accessUnpin(segs, lock);
+      throw err;
+    }
+    return segs;
+  }
+
+  /** Undoes one `accessPin`. */
+  accessUnpin(segs: readonly AccessSeg[], lock: boolean): void {
+    for (const s of segs) {
+      this.pages.unpin(s.pagesId, s.first, s.last);
+      const st = this.#areaState.get(s.area);
+      if (!st) continue;
+      st.accesses--;
+      if (lock) st.locks--;
+      if (st.accesses === 0 && !st.prevent) this.#areaState.delete(s.area);
+    }
+  }
+
+  /**
+   * `iommufd_access_rw` below the access: copies between `data` and the memory under
+   * [iova, iova + data.length). Unmap in progress -> EINVAL; prot -> EPERM; write to read-only
+   * pages -> EPERM; unbacked memory -> EFAULT; hole -> ENOENT (after copying what came before).
+   */
+  accessRw(iova: bigint, data: Uint8Array, write: boolean): void {
+    const last = iova + BigInt(data.length) - 1n;
+    let done = 0;
+    this.#contig(iova, last, (a, cur, end) => {
+      if (this.#areaState.get(a)?.prevent) throw kernelError('EINVAL', 'area is being unmapped');
+      if ((this.#prot[a]! & (write ? AreaProt.WRITE : AreaProt.READ)) === 0) {
+        throw kernelError('EPERM', `mapping is not ${write ? 'writ' : 'read'}able`);
+      }
+      const id = this.#pid[a]!;
+      if (write && !this.pages.writable(id)) throw kernelError('EPERM', 'pages are read-only');
+      const n = Number(end - cur + 1n);
+      const part = data.subarray(done, done + n);
+      const addr = this.#sourceAddr(a, cur);
+      const src = this.pages.source(id);
+      if (src.file) {
+        if (write) src.file.write(addr, part);
+        else src.file.read(addr, part);
+      } else {
+        const [first, lastIdx] = this.pages.pageRange(
+          id,
+          this.#off[a]! + (cur - this.#iova[a]!),
+          end - cur + 1n,
+        );
+        const pinned = this.pages.isPinned(id, first, lastIdx);
+        if (!pinned && !src.mm!.covers(addr, BigInt(n), write)) {
+          throw kernelError('EFAULT', `cannot access 0x${addr.toString(16)}+${n}`);
+        }
+        if (write) src.mm!.write(addr, part, true);
+        else src.mm!.read(addr, part);
+      }
+      done += n;
+    });
   }
 
   // ---- map ----------------------------------------------------------------------------------
@@ -244,11 +517,17 @@ export class IoPagetable {
       throw kernelError('EINVAL', `length 0x${length.toString(16)} not a multiple of ${align}`);
     }
     const at = iova === undefined ? this.allocIova(addr, length) : this.#checkIova(iova, length);
-    if (prot & AreaProt.WRITE) {
-      for (const elm of elms) {
-        if (!this.pages.writable(elm.pagesId)) {
-          throw kernelError('EPERM', 'writeable mapping of read-only pages');
-        }
+    for (const elm of elms) {
+      // iopt_insert_area: write over read-only pages, then the source's page offset.
+      if (prot & AreaProt.WRITE && !this.pages.writable(elm.pagesId)) {
+        throw kernelError('EPERM', 'writeable mapping of read-only pages');
+      }
+      const pageOffset = (this.pages.start(elm.pagesId) + elm.offset) % PAGE_SIZE_N;
+      if ((pageOffset & (align - 1n)) !== 0n) {
+        throw kernelError(
+          'EINVAL',
+          `source page offset 0x${pageOffset.toString(16)} not aligned to ${align}`,
+        );
       }
     }
     const added: number[] = [];
@@ -268,9 +547,7 @@ export class IoPagetable {
         for (let i = 0; i < added.length; i++) {
           const a = added[i]!;
           if (i < pinned) this.#unpinArea(a);
-          this.#tree.delete(this.#iova[a]!);
-          this.pages.unref(this.#pid[a]!);
-          this.#free.push(a);
+          this.#freeArea(a);
         }
         throw err;
       }
@@ -295,7 +572,10 @@ export class IoPagetable {
     return iova;
   }
 
-  /** `iopt_alloc_iova`: lowest fit in the allowed windows among holes of reserved + areas. */
+  /**
+   * `iopt_alloc_iova`: the lowest fitting IOVA in the allowed windows among the holes of reserved
+   * ranges + areas. Same answer as the kernel's linear walk, found through the hole weights.
+   */
   allocIova(addr: bigint, length: bigint): bigint {
     if (length === 0n || length >= ULONG_HALF) throw kernelError('EOVERFLOW', 'length too large');
     let align = roundupPow2(length);
@@ -303,95 +583,135 @@ export class IoPagetable {
       const low = lowestBit(addr);
       if (low < align) align = low;
     }
-    const maxAlign = this.thp && !this.disableLargePages ? HPAGE_SIZE_N : PAGE_SIZE_N;
+    const maxAlign = this.thp ? HPAGE_SIZE_N : PAGE_SIZE_N;
     if (align > maxAlign) align = maxAlign;
     if (align < this.iovaAlignment) {
       throw kernelError('EINVAL', `address alignment ${align} below IOAS alignment ${this.iovaAlignment}`);
     }
-    const pageOffset = addr % PAGE_SIZE_N;
-    const lo = PAGE_SIZE_N;
-    const hi = U64_MAX - PAGE_SIZE_N;
-    const windows: IovaRange[] = [];
-    if (this.#allowed.length === 0) windows.push({ start: lo, last: hi });
-    else {
-      for (const w of this.#allowed) {
-        const start = maxU64(w.start, lo);
-        const last = minU64(w.last, hi);
-        if (start <= last) windows.push({ start, last });
-      }
-    }
-    const fit = (hs: bigint, hl: bigint): bigint | undefined => {
-      if (hl - hs < length - 1n) return undefined;
-      const cand = (((hs + align - 1n) / align) * align) | pageOffset;
-      if (cand > hl || hl - cand < length - 1n) return undefined;
-      return cand;
-    };
-    for (const w of windows) {
-      let holeStart = w.start;
-      let ri = 0;
-      let a = this.#firstFrom(w.start);
-      while (holeStart <= w.last) {
-        // Next used span (reserved or area) by start, among those ending at/after holeStart.
-        while (ri < this.#reserved.length && this.#reserved[ri]!.last < holeStart) ri++;
-        while (a >= 0 && this.#last[a]! < holeStart) a = this.#nextArea(a);
-        const r = this.#reserved[ri];
-        let s: bigint;
-        let l: bigint;
-        if (r && (a < 0 || r.start <= this.#iova[a]!)) {
-          s = r.start;
-          l = r.last;
-        } else if (a >= 0) {
-          s = this.#iova[a]!;
-          l = this.#last[a]!;
-        } else {
-          break;
-        }
-        if (s > w.last) break;
-        if (s > holeStart) {
-          const got = fit(holeStart, s - 1n);
-          if (got !== undefined) return got;
-        }
-        if (l + 1n > holeStart) holeStart = l + 1n;
-      }
-      if (holeStart <= w.last) {
-        const got = fit(holeStart, w.last);
-        if (got !== undefined) return got;
-      }
+    const fit = { length, align, pageOffset: addr % PAGE_SIZE_N };
+    for (const w of this.#windows()) {
+      const got = this.#allocIn(w.start, w.last, fit);
+      if (got !== undefined) return got;
     }
     throw kernelError('ENOSPC', 'no IOVA space for the mapping');
   }
 
+  /** Allowed spans (touching ones merged) within [PAGE_SIZE, U64_MAX - PAGE_SIZE], ascending. */
+  #windows(): IovaRange[] {
+    const lo = PAGE_SIZE_N;
+    const hi = U64_MAX - PAGE_SIZE_N;
+    if (this.#allowed.length === 0) return [{ start: lo, last: hi }];
+    const out: IovaRange[] = [];
+    for (const w of this.#allowed) {
+      const prev = out[out.length - 1];
+      if (prev && w.start <= prev.last + 1n) prev.last = maxU64(prev.last, w.last);
+      else out.push({ start: w.start, last: w.last });
+    }
+    const clipped: IovaRange[] = [];
+    for (const w of out) {
+      const start = maxU64(w.start, lo);
+      const last = minU64(w.last, hi);
+      if (start <= last) clipped.push({ start, last });
+    }
+    return clipped;
+  }
+
+  /** Lowest fit in window [ws, wl]: the hole at ws, then holes found by weight, then the tail. */
+  #allocIn(ws: bigint, wl: bigint, fit: Fit): bigint | undefined {
+    let p = ws;
+    const at = this.areaAt(ws);
+    if (at >= 0) {
+      if (this.#last[at]! >= wl) return undefined;
+      p = this.#last[at]! + 1n;
+    }
+    const n = this.#tree.ceil(p);
+    const firstLast = n >= 0 ? this.#iova[n]! - 1n : U64_MAX;
+    if (p <= firstLast) {
+      const got = this.#fitHole(p, minU64(firstLast, wl), fit);
+      if (got !== undefined || n < 0) return got;
+    }
+    if (this.#iova[n]! > wl) return undefined;
+    const need = lengthThreshold(fit.length);
+    let from = this.#iova[n]! + 1n;
+    for (;;) {
+      const m = this.#tree.firstAtLeast(from, need);
+      if (m < 0) break;
+      const prev = this.#tree.floor(this.#iova[m]! - 1n);
+      const holeStart = this.#last[prev]! + 1n;
+      if (holeStart > wl) return undefined;
+      const got = this.#fitHole(holeStart, minU64(this.#iova[m]! - 1n, wl), fit);
+      if (got !== undefined) return got;
+      from = this.#iova[m]! + 1n;
+    }
+    const tail = this.#tree.floor(U64_MAX);
+    if (this.#last[tail]! === U64_MAX || this.#last[tail]! + 1n > wl) return undefined;
+    return this.#fitHole(this.#last[tail]! + 1n, wl, fit);
+  }
+
+  /** The lowest fit in [hs, hl] minus the reserved ranges. */
+  #fitHole(hs: bigint, hl: bigint, fit: Fit): bigint | undefined {
+    let start = hs;
+    for (const r of this.#reserved) {
+      if (r.last < start) continue;
+      if (r.start > hl) break;
+      if (r.start > start) {
+        const got = fitRange(start, r.start - 1n, fit);
+        if (got !== undefined) return got;
+      }
+      if (r.last >= hl) return undefined;
+      start = r.last + 1n;
+    }
+    return fitRange(start, hl, fit);
+  }
+
   // ---- unmap / copy -------------------------------------------------------------------------
 
-  /** `iopt_unmap_iova_range`: whole areas in [start, last], ascending; not atomic. */
-  unmapRange(start: bigint, last: bigint): bigint {
+  /**
+   * `iopt_unmap_iova_range`: whole areas in [start, last], ascending; not atomic. Per area: locked
+   * by an internal access -> EBUSY; cut by the range -> ENOENT; pinned by accesses -> they are
+   * told to unpin and the area is looked at again, EDEADLOCK after 100 tries without progress.
+   * Nothing unmapped -> ENOENT unless `allowEmpty` (unmap all). The kernel's other EBUSY, an area
+   * still being created by a concurrent map, cannot happen here: a map is one synchronous call.
+   */
+  unmapRange(start: bigint, last: bigint, allowEmpty = false): bigint {
     let unmapped = 0n;
-    let a = this.#firstFrom(start);
+    let tries = 0;
+    let from = start;
+    let a = this.#firstFrom(from);
     while (a >= 0 && this.#iova[a]! <= last) {
       const aStart = this.#iova[a]!;
       const aLast = this.#last[a]!;
-      if (aStart < start || aLast > last) {
+      const st = this.#areaState.size > 0 ? this.#areaState.get(a) : undefined;
+      if (st && st.locks > 0) {
+        throw kernelError('EBUSY', `area 0x${aStart.toString(16)} is locked by an internal access`);
+      }
+      if (aStart < from || aLast > last) {
         throw kernelError(
           'ENOENT',
           `area 0x${aStart.toString(16)}..0x${aLast.toString(16)} is cut by the range`,
         );
       }
-      const next = this.#nextArea(a);
-      this.#dropArea(a);
+      if (aStart !== from) tries = 0;
+      if (st && st.accesses > 0) {
+        from = aStart;
+        st.prevent = true;
+        this.#notifyUnmap(aStart, aLast - aStart + 1n);
+        if (++tries > UNMAP_NOTIFY_TRIES) {
+          throw kernelError('EDEADLOCK', `accesses keep area 0x${aStart.toString(16)} pinned`);
+        }
+        // The accesses may have changed anything: look again from `from`.
+        a = this.#firstFrom(from);
+        continue;
+      }
       unmapped += aLast - aStart + 1n;
-      a = next;
+      a = this.#dropArea(a);
     }
-    if (unmapped === 0n) throw kernelError('ENOENT', 'no area in the range');
+    if (unmapped === 0n && !allowEmpty) throw kernelError('ENOENT', 'no area in the range');
     return unmapped;
   }
 
   unmapAll(): bigint {
-    try {
-      return this.unmapRange(0n, U64_MAX);
-    } catch (err) {
-      if (this.#tree.size === 0 && (err as { errno?: string }).errno === 'ENOENT') return 0n;
-      throw err;
-    }
+    return this.unmapRange(0n, U64_MAX, true);
   }
 
   /**
@@ -441,20 +761,29 @@ export class IoPagetable {
     const last = iova + length - 1n;
     if (last > U64_MAX) throw kernelError('EOVERFLOW', 'IOVA + length overflows');
     const elms: PagesElm[] = [];
-    let cur = iova;
-    let a = this.areaAt(iova);
-    while (true) {
-      if (a < 0 || this.#iova[a]! > cur) throw kernelError('ENOENT', `IOVA 0x${cur.toString(16)} not mapped`);
-      const aLast = this.#last[a]!;
-      const end = minU64(aLast, last);
+    this.#contig(iova, last, (a, cur, end) => {
       elms.push({
         pagesId: this.#pid[a]!,
         offset: this.#off[a]! + (cur - this.#iova[a]!),
         length: end - cur + 1n,
       });
-      if (end === last) return elms;
-      cur = end + 1n;
-      a = this.#nextArea(a);
+    });
+    return elms;
+  }
+
+  /**
+   * The end of the run of back-to-back areas starting at `iova`, capped at `last`, or -1n when
+   * `iova` is not mapped (what the kernel's dirty bitmap walk covers).
+   */
+  contigEnd(iova: bigint, last: bigint): bigint {
+    let a = this.areaAt(iova);
+    if (a < 0) return -1n;
+    for (;;) {
+      const aLast = this.#last[a]!;
+      if (aLast >= last) return last;
+      const n = this.#nextArea(a);
+      if (n < 0 || this.#iova[n]! !== aLast + 1n) return aLast;
+      a = n;
     }
   }
 
@@ -488,13 +817,22 @@ export class IoPagetable {
     if (this.#domains > 0 && this.#tree.size > 0) {
       throw kernelError('EINVAL', 'cannot disable large pages with a domain and areas');
     }
-    const mask = PAGE_SIZE_N - 1n;
-    for (const a of this.areas()) {
-      const len = this.#last[a]! - this.#iova[a]! + 1n;
-      if ((this.#iova[a]! & mask) !== 0n || (len & mask) !== 0n) {
-        throw kernelError('EADDRINUSE', 'an area is not PAGE_SIZE aligned');
-      }
-    }
+    if (PAGE_SIZE_N > this.iovaAlignment) this.#checkAlignment(PAGE_SIZE_N);
     this.disableLargePages = true;
   }
+}
+
+interface Fit {
+  length: bigint;
+  align: bigint;
+  pageOffset: bigint;
+}
+
+/** `__alloc_iova_check_range`: the aligned start (page offset kept) must fit in [start, last]. */
+function fitRange(start: bigint, last: bigint, fit: Fit): bigint | undefined {
+  const up = start + fit.align - 1n;
+  if (up > U64_MAX) return undefined;
+  const cand = (up & ~(fit.align - 1n)) | fit.pageOffset;
+  if (cand >= last || last - cand < fit.length - 1n) return undefined;
+  return cand;
 }

@@ -1,7 +1,13 @@
+import { internalError } from '../../uapi/error.js';
+
 /**
  * A compact B+tree from u64 keys (bigint) to int32 values: keys and values live in typed arrays
  * inside 64-slot nodes, so a million entries cost a few tens of bytes each and no object per entry.
  * Insert, delete and floor/ceil lookups are O(log n); leaves are linked for ordered scans.
+ *
+ * Every entry also carries a weight (a non-negative float, 0 by default) and every node the
+ * largest weight below it, so "the first entry from key k whose weight is at least w" is found in
+ * O(log n) too: the IOVA allocator weighs each area with the hole in front of it.
  *
  * Deletion frees empty leaves (and empty inner nodes) but does not merge half-empty siblings: the
  * height stays bounded by the largest size the map ever had, which is what an IOVA map needs.
@@ -11,7 +17,10 @@ const B = 64;
 class Leaf {
   readonly keys = new BigUint64Array(B);
   readonly vals = new Int32Array(B);
+  readonly weights = new Float64Array(B);
   n = 0;
+  /** Largest weight in this leaf (0 when empty). */
+  max = 0;
   next: Leaf | null = null;
   prev: Leaf | null = null;
   parent: Inner | null = null;
@@ -21,7 +30,34 @@ class Inner {
   /** keys[i] separates children[i] (keys below) from children[i + 1] (keys at or above). */
   readonly keys = new BigUint64Array(B);
   children: (Leaf | Inner)[] = [];
+  /** Largest weight below this node. */
+  max = 0;
   parent: Inner | null = null;
+}
+
+function computeMax(node: Leaf | Inner): number {
+  let m = 0;
+  if (node instanceof Leaf) {
+    const w = node.weights;
+    for (let i = 0; i < node.n; i++) if (w[i]! > m) m = w[i]!;
+  } else {
+    for (const c of node.children) if (c.max > m) m = c.max;
+  }
+  return m;
+}
+
+/** Raises the recorded maxima from `node` up to the root to at least `w`. */
+function raise(node: Leaf | Inner | null, w: number): void {
+  for (let n = node; n && n.max < w; n = n.parent) n.max = w;
+}
+
+/** Recomputes the maxima from `node` up, stopping where nothing changes. */
+function recompute(node: Leaf | Inner | null): void {
+  for (let n = node; n; n = n.parent) {
+    const m = computeMax(n);
+    if (m === n.max) return;
+    n.max = m;
+  }
 }
 
 function lowerBound(keys: BigUint64Array, n: number, key: bigint): number {
@@ -114,37 +150,165 @@ export class OrderedU64Map {
     }
   }
 
-  /** Inserts or replaces. */
-  set(key: bigint, value: number): void {
+  /** Inserts or replaces (value and weight). */
+  set(key: bigint, value: number, weight = 0): void {
     const leaf = this.#leafFor(key);
     const i = lowerBound(leaf.keys, leaf.n, key);
     if (i < leaf.n && leaf.keys[i] === key) {
       leaf.vals[i] = value;
+      setWeightAt(leaf, i, weight);
       return;
     }
+    this.#insertNew(leaf, i, key, value, weight);
+  }
+
+  /** Inserts an absent key at slot `i` of `leaf` (where the search put it). */
+  #insertNew(leaf: Leaf, i: number, key: bigint, value: number, weight: number): void {
     this.#size++;
     if (leaf.n < B) {
-      insertAt(leaf, i, key, value);
+      insertAt(leaf, i, key, value, weight);
+      raise(leaf, weight);
       return;
     }
     const right = new Leaf();
+    let into: Leaf;
     if (i === B && leaf.next === null) {
       // Appending at the far right (ascending inserts): start a new leaf, keep this one full.
-      insertAt(right, 0, key, value);
+      insertAt(right, 0, key, value, weight);
+      into = right;
     } else {
       const mid = B >>> 1;
       right.keys.set(leaf.keys.subarray(mid, B));
       right.vals.set(leaf.vals.subarray(mid, B));
+      right.weights.set(leaf.weights.subarray(mid, B));
       right.n = B - mid;
       leaf.n = mid;
-      if (i <= mid) insertAt(leaf, i, key, value);
-      else insertAt(right, i - mid, key, value);
+      if (i <= mid) {
+        insertAt(leaf, i, key, value, weight);
+        into = leaf;
+      } else {
+        insertAt(right, i - mid, key, value, weight);
+        into = right;
+      }
+      leaf.max = computeMax(leaf);
     }
+    right.max = computeMax(right);
     right.next = leaf.next;
     if (right.next) right.next.prev = right;
     right.prev = leaf;
     leaf.next = right;
     this.#insertIntoParent(leaf, right.keys[0]!, right);
+    raise(into, weight);
+  }
+
+  /**
+   * Inserts a new `key` (absent) in one descent, for keys weighted by their neighbours: the new
+   * entry gets weight `weightOf(prevValue)` and the entry after it, if any, is reweighed to
+   * `nextWeight(nextValue)` (values -1 when there is no such neighbour).
+   */
+  insertLinked(
+    key: bigint,
+    value: number,
+    weightOf: (prev: number) => number,
+    nextWeight: (next: number) => number,
+  ): void {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    const prev = i > 0 ? leaf.vals[i - 1]! : leaf.prev ? leaf.prev.vals[leaf.prev.n - 1]! : -1;
+    if (i < leaf.n) {
+      if (leaf.keys[i] === key)
+        throw internalError(`insertLinked: key 0x${key.toString(16)} already present`);
+      setWeightAt(leaf, i, nextWeight(leaf.vals[i]!));
+    } else if (leaf.next) setWeightAt(leaf.next, 0, nextWeight(leaf.next.vals[0]!));
+    this.#insertNew(leaf, i, key, value, weightOf(prev));
+  }
+
+  /**
+   * Removes `key` in one descent; the entry after it, if any, is reweighed to
+   * `nextWeight(prevValue, nextValue)` (prevValue -1 when none). Returns the next entry's value,
+   * -1 when there is none, or -2 when `key` was absent.
+   */
+  deleteLinked(key: bigint, nextWeight: (prev: number, next: number) => number): number {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    if (i >= leaf.n || leaf.keys[i] !== key) return -2;
+    const prev = i > 0 ? leaf.vals[i - 1]! : leaf.prev ? leaf.prev.vals[leaf.prev.n - 1]! : -1;
+    let next = -1;
+    if (i + 1 < leaf.n) {
+      next = leaf.vals[i + 1]!;
+      setWeightAt(leaf, i + 1, nextWeight(prev, next));
+    } else if (leaf.next) {
+      next = leaf.next.vals[0]!;
+      setWeightAt(leaf.next, 0, nextWeight(prev, next));
+    }
+    this.#deleteAt(leaf, i);
+    return next;
+  }
+
+  /** The weight of `key`, or -1 when absent. */
+  weight(key: bigint): number {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    return i < leaf.n && leaf.keys[i] === key ? leaf.weights[i]! : -1;
+  }
+
+  /** Changes the weight of an existing `key`; returns whether it was there. */
+  setWeight(key: bigint, weight: number): boolean {
+    const leaf = this.#leafFor(key);
+    const i = lowerBound(leaf.keys, leaf.n, key);
+    if (i >= leaf.n || leaf.keys[i] !== key) return false;
+    setWeightAt(leaf, i, weight);
+    return true;
+  }
+
+  /**
+   * The value of the first entry (in key order) with key >= `from` and weight >= `min`, or -1.
+   * O(log n): subtrees whose largest weight is below `min` are skipped whole.
+   */
+  firstAtLeast(from: bigint, min: number): number {
+    let node: Leaf | Inner = this.#root;
+    const path: number[] = [];
+    while (node instanceof Inner) {
+      const c = upperBound(node.keys, node.children.length - 1, from);
+      path.push(c);
+      node = node.children[c]!;
+    }
+    let leaf: Leaf = node;
+    if (leaf.max >= min) {
+      for (let i = lowerBound(leaf.keys, leaf.n, from); i < leaf.n; i++) {
+        if (leaf.weights[i]! >= min) return leaf.vals[i]!;
+      }
+    }
+    // Climb until an ancestor has a later child holding a heavy enough entry, then go down left.
+    let child: Leaf | Inner = leaf;
+    for (let depth = path.length - 1; depth >= 0; depth--) {
+      const parent: Inner = child.parent!;
+      let found: Leaf | Inner | undefined;
+      for (let j = path[depth]! + 1; j < parent.children.length; j++) {
+        if (parent.children[j]!.max >= min) {
+          found = parent.children[j]!;
+          break;
+        }
+      }
+      if (found) {
+        let n: Leaf | Inner = found;
+        while (n instanceof Inner) {
+          let next: Leaf | Inner | undefined;
+          for (const c of n.children) {
+            if (c.max >= min) {
+              next = c;
+              break;
+            }
+          }
+          n = next!;
+        }
+        leaf = n;
+        for (let i = 0; i < leaf.n; i++) if (leaf.weights[i]! >= min) return leaf.vals[i]!;
+        return -1; // unreachable when the maxima are right
+      }
+      child = parent;
+    }
+    return -1;
   }
 
   #insertIntoParent(left: Leaf | Inner, sep: bigint, right: Leaf | Inner): void {
@@ -153,6 +317,7 @@ export class OrderedU64Map {
       const root = new Inner();
       root.children = [left, right];
       root.keys[0] = sep;
+      root.max = Math.max(left.max, right.max);
       left.parent = root;
       right.parent = root;
       this.#root = root;
@@ -172,6 +337,8 @@ export class OrderedU64Map {
     sibling.keys.set(parent.keys.subarray(mid, B));
     const up = parent.keys[mid - 1]!;
     for (const child of sibling.children) child.parent = sibling;
+    parent.max = computeMax(parent);
+    sibling.max = computeMax(sibling);
     this.#insertIntoParent(parent, up, sibling);
   }
 
@@ -180,16 +347,22 @@ export class OrderedU64Map {
     const leaf = this.#leafFor(key);
     const i = lowerBound(leaf.keys, leaf.n, key);
     if (i >= leaf.n || leaf.keys[i] !== key) return false;
+    this.#deleteAt(leaf, i);
+    return true;
+  }
+
+  #deleteAt(leaf: Leaf, i: number): void {
+    const w = leaf.weights[i]!;
     leaf.keys.copyWithin(i, i + 1, leaf.n);
     leaf.vals.copyWithin(i, i + 1, leaf.n);
+    leaf.weights.copyWithin(i, i + 1, leaf.n);
     leaf.n--;
     this.#size--;
     if (leaf.n === 0 && leaf.parent) {
       if (leaf.prev) leaf.prev.next = leaf.next;
       if (leaf.next) leaf.next.prev = leaf.prev;
       this.#removeChild(leaf);
-    }
-    return true;
+    } else if (w === leaf.max) recompute(leaf);
   }
 
   #removeChild(node: Leaf | Inner): void {
@@ -204,6 +377,7 @@ export class OrderedU64Map {
       else this.clear();
       return;
     }
+    if (node.max === parent.max) recompute(parent);
     // Collapse a root with a single child.
     let root = this.#root;
     while (root instanceof Inner && root.children.length === 1) {
@@ -214,10 +388,19 @@ export class OrderedU64Map {
   }
 }
 
-function insertAt(leaf: Leaf, i: number, key: bigint, value: number): void {
+function insertAt(leaf: Leaf, i: number, key: bigint, value: number, weight: number): void {
   leaf.keys.copyWithin(i + 1, i, leaf.n);
   leaf.vals.copyWithin(i + 1, i, leaf.n);
+  leaf.weights.copyWithin(i + 1, i, leaf.n);
   leaf.keys[i] = key;
   leaf.vals[i] = value;
+  leaf.weights[i] = weight;
   leaf.n++;
+}
+
+function setWeightAt(leaf: Leaf, i: number, weight: number): void {
+  const old = leaf.weights[i]!;
+  leaf.weights[i] = weight;
+  if (weight > old) raise(leaf, weight);
+  else if (weight < old && old === leaf.max) recompute(leaf);
 }

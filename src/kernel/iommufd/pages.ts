@@ -183,6 +183,11 @@ export class PagesTable {
     return at > last;
   }
 
+  /** Whether pages [first, last] of pages `id` are all pinned by some holder (PFNs available). */
+  isPinned(id: number, first: number, last: number): boolean {
+    return this.#covered(id, first, last);
+  }
+
   #recount(id: number): void {
     if (this.#wholePins[id]! > 0) {
       this.#npinned[id] = this.#npages[id]!;
