@@ -371,7 +371,8 @@ test('VfioDevice matches the reference model on random command sequences', () =>
         }
       },
     ),
-    { numRuns: 400 },
+    // A fixed seed: the corner coverage asserted below must not depend on the luck of the run.
+    { numRuns: 400, seed: 42 },
   );
   assert.ok(commands > 5000, `${commands} commands`);
   // The random walk reached the interesting corners, so the comparison above is not vacuous.
