@@ -2,6 +2,7 @@
 export const Errno = {
   EPERM: 1,
   ENOENT: 2,
+  ESRCH: 3,
   EIO: 5,
   E2BIG: 7,
   EBADF: 9,

@@ -39,6 +39,29 @@ export const IommuOption = {
   HUGE_PAGES: 1,
 } as const;
 
+/**
+ * **softvfio extensions, not in Linux**: IOMMU_OPTION ids of their own, far above the kernel's
+ * (bit 31 set) so they can never collide with a future `enum iommufd_option` value. Both are
+ * global to the fd (object_id must be 0, else EOPNOTSUPP).
+ *
+ * - `CONTEXT_LIMIT`: val64 = the most bytes (rounded down to whole pages) this iommufd context may
+ *   have pinned at once, whichever process maps through it; U64_MAX = no limit (the default). It is
+ *   checked *in addition to* the RLIMIT_MODE accounting (per-user or per-mm RLIMIT_MEMLOCK, or none
+ *   with CAP_IPC_LOCK, which does not bypass it), and counts each page once per pages object like
+ *   the kernel's charge. Over it, a pin fails ENOMEM with everything just pinned undone. SET needs
+ *   CAP_SYS_RESOURCE (EPERM) and an fd with no objects (EBUSY), as RLIMIT_MODE: an admin sets it
+ *   before handing the fd to the VMM. IOAS_CHANGE_PROCESS does not move it: the charge stays with
+ *   the context. This is the per-fd accounting proposed in the seed-003 thread.
+ * - `CONTEXT_PINNED`: GET only (SET -> EOPNOTSUPP): val64 = bytes currently charged to the
+ *   context's limit.
+ */
+export const SoftvfioIommuOption = {
+  CONTEXT_LIMIT: 0x8000_0001,
+  CONTEXT_PINNED: 0x8000_0002,
+} as const;
+export const IOMMU_OPTION_SOFTVFIO_CONTEXT_LIMIT = SoftvfioIommuOption.CONTEXT_LIMIT;
+export const IOMMU_OPTION_SOFTVFIO_CONTEXT_PINNED = SoftvfioIommuOption.CONTEXT_PINNED;
+
 /** `enum iommufd_option_ops`. */
 export const IommuOptionOp = {
   SET: 0,

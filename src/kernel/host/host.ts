@@ -1,4 +1,5 @@
 import { kernelError, VfioError } from '../../uapi/error.js';
+import { Cgroup } from './cgroup.js';
 import { MemFile, type OpenFile } from './memfd.js';
 import { Mm, type MmapArgs } from './mm.js';
 
@@ -41,9 +42,14 @@ export interface SpawnOptions {
   uid?: number;
   rlimitMemlockBytes?: bigint;
   caps?: Iterable<Capability>;
+  /**
+   * softvfio extension: the cgroup to start in, as an object or an absolute path (default the root
+   * cgroup). A path that does not exist or a removed cgroup -> ENOENT; another host's -> EINVAL.
+   */
+  cgroup?: Cgroup | string;
 }
 
-/** A process: pid, uid, capabilities, RLIMIT_MEMLOCK, an mm and an fd table. */
+/** A process: pid, uid, capabilities, RLIMIT_MEMLOCK, a cgroup, an mm and an fd table. */
 export class Process {
   readonly host: Host;
   readonly pid: number;
@@ -51,16 +57,26 @@ export class Process {
   readonly caps: Set<Capability>;
   rlimitMemlockBytes: bigint;
   #mm: Mm;
+  #cgroup: Cgroup;
   #fds = new Map<number, OpenFile>();
   #alive = true;
 
-  constructor(host: Host, pid: number, user: User, options: SpawnOptions, mm = new Mm()) {
+  /** `options.cgroup` is ignored here: `cgroup` is the resolved one (Host.spawn, fork). */
+  constructor(
+    host: Host,
+    pid: number,
+    user: User,
+    options: SpawnOptions,
+    mm = new Mm(),
+    cgroup: Cgroup = host.rootCgroup,
+  ) {
     this.host = host;
     this.pid = pid;
     this.user = user;
     this.caps = new Set(options.caps ?? []);
     this.rlimitMemlockBytes = options.rlimitMemlockBytes ?? DEFAULT_MEMLOCK_BYTES;
     this.#mm = mm;
+    this.#cgroup = cgroup;
   }
 
   get uid(): number {
@@ -68,6 +84,17 @@ export class Process {
   }
   get mm(): Mm {
     return this.#mm;
+  }
+  /**
+   * softvfio extension: the cgroup this process belongs to (its last one once exited). Moved with
+   * `cgroup.attach(process)`; inherited by fork, kept by exec.
+   */
+  get cgroup(): Cgroup {
+    return this.#cgroup;
+  }
+  /** @internal `Cgroup.attach` does the checks. */
+  setCgroup(cgroup: Cgroup): void {
+    this.#cgroup = cgroup;
   }
   get alive(): boolean {
     return this.#alive;
@@ -132,7 +159,10 @@ export class Process {
     if (!this.#fds.delete(fd)) throw kernelError('EBADF', `fd ${fd} not open`, { op: 'close' });
   }
 
-  /** fork(): a child with the same uid, caps, limit, open files and a private copy of the mm. */
+  /**
+   * fork(): a child with the same uid, caps, limit, cgroup, open files and a private copy of the
+   * mm (whose locked_vm/pinned_vm start at 0).
+   */
   fork(): Process {
     this.#live('fork');
     const child = this.host.adopt(
@@ -143,13 +173,17 @@ export class Process {
           this.user,
           { caps: this.caps, rlimitMemlockBytes: this.rlimitMemlockBytes },
           this.#mm.clone(),
+          this.#cgroup,
         ),
     );
     for (const [fd, open] of this.#fds) child.#fds.set(fd, open);
     return child;
   }
 
-  /** exec(): same pid and files, a brand-new empty mm; the old one is gone for new pins. */
+  /**
+   * exec(): same pid, files and cgroup, a brand-new empty mm (locked_vm 0); the old one is gone
+   * for new pins.
+   */
   exec(): void {
     this.#live('exec');
     this.#mm.alive = false;
@@ -166,9 +200,11 @@ export class Process {
   }
 }
 
-/** A software host: users by uid and processes by pid. */
+/** A software host: users by uid, processes by pid, and (softvfio extension) a cgroup tree. */
 export class Host {
   readonly modules: HostModules;
+  /** softvfio extension: the root of the cgroup tree ('/'), where processes start by default. */
+  readonly rootCgroup: Cgroup;
   readonly #users = new Map<number, User>();
   readonly #processes = new Map<number, Process>();
   #nextPid = 1000;
@@ -177,6 +213,23 @@ export class Host {
     this.modules = {
       vfioIommuType1: { dmaEntryLimit: 65535, ...options.modules?.vfioIommuType1 },
     };
+    this.rootCgroup = new Cgroup(this, '', undefined);
+  }
+
+  /**
+   * softvfio extension: the cgroup at an absolute `path` ('/', '/machine/vm1'). EINVAL if the path
+   * is not absolute, ENOENT if a component does not exist.
+   */
+  cgroup(path: string): Cgroup {
+    if (!path.startsWith('/')) throw kernelError('EINVAL', `cgroup path '${path}' is not absolute`);
+    let at = this.rootCgroup;
+    for (const name of path.split('/')) {
+      if (name === '') continue;
+      const next = at.child(name);
+      if (!next) throw kernelError('ENOENT', `no cgroup ${path}`);
+      at = next;
+    }
+    return at;
   }
 
   user(uid: number): User {
@@ -197,8 +250,17 @@ export class Host {
   }
 
   spawn(options: SpawnOptions = {}): Process {
+    const cgroup = this.#resolveCgroup(options.cgroup);
     const user = this.user(options.uid ?? 1000);
-    return this.adopt((pid) => new Process(this, pid, user, options));
+    return this.adopt((pid) => new Process(this, pid, user, options, new Mm(), cgroup));
+  }
+
+  #resolveCgroup(cgroup: Cgroup | string | undefined): Cgroup {
+    if (cgroup === undefined) return this.rootCgroup;
+    if (typeof cgroup === 'string') return this.cgroup(cgroup);
+    if (cgroup.host !== this) throw kernelError('EINVAL', `cgroup ${cgroup.path} is on another host`);
+    if (cgroup.removed) throw kernelError('ENOENT', `cgroup ${cgroup.path} was removed`);
+    return cgroup;
   }
 
   /** @internal allocates a pid and registers the process `make` builds. */

@@ -1,3 +1,4 @@
+export * from './cgroup.js';
 export * from './host.js';
 export * from './lazy-bytes.js';
 export * from './memfd.js';

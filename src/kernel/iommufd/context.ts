@@ -6,6 +6,7 @@ import {
   IommuOptionOp,
   IommuVfioIoasOp,
   type IovaRange,
+  SoftvfioIommuOption,
   U64_MAX,
 } from '../../uapi/iommufd.js';
 import type { Process } from '../host/host.js';
@@ -26,7 +27,7 @@ import {
 } from './hwpt.js';
 import { AreaProt, IoPagetable, type PagesElm } from './io-pagetable.js';
 import type { DeviceObject, HwptPagingObject, IoasObject, IommufdCore, IommufdObject } from './objects.js';
-import { AccountMode, PagesTable } from './pages.js';
+import { AccountMode, type OwnerChange, PagesTable } from './pages.js';
 
 export type {
   AccessObject,
@@ -99,6 +100,8 @@ class IommufdState implements IommufdCore {
   readonly pages = new PagesTable();
   accountMode: AccountMode;
   readonly thp: boolean;
+  /** softvfio CONTEXT_LIMIT as set (U64_MAX = none); `pages.contextLimitPages` enforces it. */
+  contextLimitBytes = U64_MAX;
   closed = false;
   /** `ictx->vfio_ioas`: the IOAS the VFIO compat ioctls work on (vfio-compat.ts). */
   vfioIoas: IoasObject | undefined;
@@ -385,7 +388,12 @@ export class IommufdContext {
     }
   }
 
-  /** IOMMU_IOAS_CHANGE_PROCESS: moves every pin charge to the caller; all areas must be MAP_FILE. */
+  /**
+   * IOMMU_IOAS_CHANGE_PROCESS: moves every pin charge to the caller; all areas must be MAP_FILE.
+   * softvfio extensions: each pages object's cgroup charge moves to the caller's cgroup too (only
+   * below the common ancestor; ENOMEM over a limit, nothing changed); the context's own charge
+   * (CONTEXT_LIMIT) stays as it is.
+   */
   ioasChangeProcess(args: { reserved?: number } = {}): void {
     this.#live();
     const op = 'IOAS_CHANGE_PROCESS';
@@ -400,7 +408,7 @@ export class IommufdContext {
         if (pages.source(id).ownerMm !== this.caller.mm) todo.add(id);
       }
     }
-    const charged: [number, number][] = [];
+    const charged: [number, OwnerChange][] = [];
     try {
       for (const id of todo) charged.push([id, pages.chargeNewOwner(id, this.caller)]);
     } catch (err) {
@@ -452,7 +460,38 @@ export class IommufdContext {
       }
       throw kernelError('EOPNOTSUPP', `unknown op ${args.op}`, { op });
     }
+    if (args.optionId === SoftvfioIommuOption.CONTEXT_LIMIT) return this.#contextLimitOption(args);
+    if (args.optionId === SoftvfioIommuOption.CONTEXT_PINNED) {
+      if (args.objectId !== 0) throw kernelError('EOPNOTSUPP', 'CONTEXT_PINNED is global', { op });
+      if (args.op !== IommuOptionOp.GET) {
+        throw kernelError('EOPNOTSUPP', 'CONTEXT_PINNED can only be read', { op });
+      }
+      args.val64 = BigInt(this.#s.pages.contextPinnedPages) * 4096n;
+      return args;
+    }
     throw kernelError('EOPNOTSUPP', `unknown option ${args.optionId}`, { op });
+  }
+
+  /** softvfio IOMMU_OPTION_SOFTVFIO_CONTEXT_LIMIT (see src/uapi/iommufd.ts). */
+  #contextLimitOption(args: OptionArgs): OptionArgs {
+    const op = 'OPTION';
+    if (args.objectId !== 0) throw kernelError('EOPNOTSUPP', 'CONTEXT_LIMIT is global', { op });
+    if (args.op === IommuOptionOp.GET) {
+      args.val64 = this.#s.contextLimitBytes;
+      return args;
+    }
+    if (args.op === IommuOptionOp.SET) {
+      if (!this.caller.hasCap('CAP_SYS_RESOURCE'))
+        throw kernelError('EPERM', 'needs CAP_SYS_RESOURCE', { op });
+      if (this.#s.objects.size > 0) throw kernelError('EBUSY', 'objects exist', { op });
+      if (args.val64 < 0n || args.val64 > U64_MAX) {
+        throw kernelError('EINVAL', `bad CONTEXT_LIMIT ${args.val64}`, { op });
+      }
+      this.#s.contextLimitBytes = args.val64;
+      this.#s.pages.contextLimitPages = args.val64 === U64_MAX ? Infinity : Number(args.val64 >> 12n);
+      return args;
+    }
+    throw kernelError('EOPNOTSUPP', `unknown op ${args.op}`, { op });
   }
 
   // ---- devices (minimal VFIO cdev bind/attach) ---------------------------------------------

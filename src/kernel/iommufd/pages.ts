@@ -1,4 +1,5 @@
-import { kernelError } from '../../uapi/error.js';
+import { internalError, kernelError } from '../../uapi/error.js';
+import { Cgroup } from '../host/cgroup.js';
 import type { Process, User } from '../host/host.js';
 import type { MemFile } from '../host/memfd.js';
 import type { Mm } from '../host/mm.js';
@@ -22,9 +23,30 @@ export interface PagesSource {
 }
 
 /**
+ * A pending IOAS_CHANGE_PROCESS of one pages object (`chargeNewOwner`): the new source, and the
+ * cgroup charge moved from `from` to `to` (softvfio cgroup extension).
+ */
+export interface OwnerChange {
+  readonly srcId: number;
+  readonly from: Cgroup | undefined;
+  readonly to: Cgroup;
+}
+
+/**
  * Every `iopt_pages` of one iommufd context, as parallel typed arrays indexed by pages id: one
  * record per MAP/MAP_FILE call, shared by all areas copied from it. Pins are counted per page
  * range (`npinned`), charged once per pages object whatever number of areas/domains use them.
+ *
+ * A charge of `delta` pages goes, in this order, to:
+ * 1. the kernel's counters for the pages object's mode (`account`: user or mm `locked_vm` against
+ *    the owner's RLIMIT_MEMLOCK, `pinned_vm`), exactly as in Linux;
+ * 2. softvfio extension: the context's own limit (`contextLimitPages`,
+ *    IOMMU_OPTION_SOFTVFIO_CONTEXT_LIMIT), in every mode;
+ * 3. softvfio extension: the owner's cgroup and its ancestors (`Cgroup`), in every mode, NONE
+ *    (CAP_IPC_LOCK) included.
+ * The first refusal is the ENOMEM reported, and nothing of the charge stays. A pages object's
+ * cgroup charge sits in one cgroup: the owner's when the object first got pinned, kept (whatever
+ * the owner's moves) until it is fully unpinned or IOAS_CHANGE_PROCESS moves it.
  */
 export class PagesTable {
   #cap = 0;
@@ -45,9 +67,33 @@ export class PagesTable {
   #sources: PagesSource[] = [];
   #sourceIndex = new Map<object, Map<Process, number>>();
   #live = 0;
+  /** The cgroup holding each pages object's charge while it has one (softvfio extension). */
+  #cg: (Cgroup | undefined)[] = [];
+  #contextLimitPages = Infinity;
+  #contextPinned = 0;
 
   get count(): number {
     return this.#live;
+  }
+
+  /**
+   * softvfio extension: the most pages this context may have charged at once, over all its pages
+   * objects (Infinity = no limit, the default).
+   */
+  get contextLimitPages(): number {
+    return this.#contextLimitPages;
+  }
+  set contextLimitPages(pages: number) {
+    if (!(pages >= 0)) throw internalError(`bad context limit ${pages}`);
+    this.#contextLimitPages = pages;
+  }
+  /** softvfio extension: pages charged by this context (sum of `charged` over its pages objects). */
+  get contextPinnedPages(): number {
+    return this.#contextPinned;
+  }
+  /** softvfio extension: the cgroup pages object `id`'s pins are charged to, if any are. */
+  chargedCgroup(id: number): Cgroup | undefined {
+    return this.#cg[id];
   }
 
   #grow(): void {
@@ -117,6 +163,7 @@ export class PagesTable {
     this.#wholePins[id] = 0;
     this.#npinned[id] = 0;
     this.#charged[id] = 0;
+    this.#cg[id] = undefined;
     this.#live++;
     return id;
   }
@@ -277,33 +324,77 @@ export class PagesTable {
     this.#updateCharge(id);
   }
 
-  /** Applies `npinned - last_npinned` to the owner's counters (`do_update_pinned`). */
+  /**
+   * Applies `npinned - last_npinned` to the owner's counters (`do_update_pinned`), and (softvfio
+   * extensions) to the context's limit and the cgroup hierarchy: all or nothing.
+   */
   #updateCharge(id: number): void {
     const delta = this.#npinned[id]! - this.#charged[id]!;
     if (delta === 0) return;
-    account(this.source(id), this.mode(id), delta);
+    const src = this.source(id);
+    const mode = this.mode(id);
+    if (delta > 0) {
+      account(src, mode, delta);
+      const cg = this.#cg[id] ?? src.owner.cgroup;
+      try {
+        if (this.#contextPinned + delta > this.#contextLimitPages) {
+          throw kernelError(
+            'ENOMEM',
+            `iommufd context pinned pages ${this.#contextPinned} + ${delta} over its limit ${this.#contextLimitPages} (softvfio CONTEXT_LIMIT)`,
+            { op: 'softvfio_context_charge' },
+          );
+        }
+        cg.chargePinned(delta);
+      } catch (err) {
+        account(src, mode, -delta);
+        throw err;
+      }
+      this.#cg[id] = cg;
+    } else {
+      account(src, mode, delta);
+      this.#cg[id]!.unchargePinned(-delta);
+      if (this.#npinned[id] === 0) this.#cg[id] = undefined;
+    }
+    this.#contextPinned += delta;
     this.#charged[id] = this.#npinned[id]!;
   }
 
   /**
-   * CHANGE_PROCESS for one pages object: a new source owned by `owner`, charged first (may throw
-   * ENOMEM, nothing changed); `commitOwner` then uncharges the old owner and switches.
+   * CHANGE_PROCESS for one pages object: a new source owned by `owner`, charged first per mode, and
+   * (softvfio extension) the cgroup charge moved to `owner`'s cgroup; ENOMEM: nothing changed.
+   * `commitOwner` then uncharges the old owner and switches; `uncommitOwner` undoes this instead.
+   * The context's own charge does not change: it stays with the context.
    */
-  chargeNewOwner(id: number, owner: Process): number {
+  chargeNewOwner(id: number, owner: Process): OwnerChange {
     const old = this.source(id);
     const provider = old.file ?? old.mm!;
     const srcId = this.#sourceId(owner, provider, old.file !== undefined);
-    account(this.#sources[srcId]!, this.mode(id), this.#charged[id]!);
-    return srcId;
+    const n = this.#charged[id]!;
+    const mode = this.mode(id);
+    account(this.#sources[srcId]!, mode, n);
+    const from = this.#cg[id];
+    const to = owner.cgroup;
+    if (from && n > 0) {
+      try {
+        Cgroup.movePinned(from, to, n);
+      } catch (err) {
+        account(this.#sources[srcId]!, mode, -n);
+        throw err;
+      }
+    }
+    return { srcId, from, to };
   }
 
-  commitOwner(id: number, srcId: number): void {
+  commitOwner(id: number, change: OwnerChange): void {
     account(this.source(id), this.mode(id), -this.#charged[id]!);
-    this.#src[id] = srcId;
+    this.#src[id] = change.srcId;
+    if (change.from && this.#charged[id]! > 0) this.#cg[id] = change.to;
   }
 
-  uncommitOwner(id: number, srcId: number): void {
-    account(this.#sources[srcId]!, this.mode(id), -this.#charged[id]!);
+  uncommitOwner(id: number, change: OwnerChange): void {
+    const n = this.#charged[id]!;
+    account(this.#sources[change.srcId]!, this.mode(id), -n);
+    if (change.from && n > 0) Cgroup.movePinned(change.to, change.from, n, true);
   }
 }
 

@@ -1,4 +1,5 @@
 import { kernelError } from '../../uapi/error.js';
+import { Cgroup } from '../host/cgroup.js';
 import type { Process } from '../host/host.js';
 import type { LazyBytes } from '../host/lazy-bytes.js';
 import type { Mm } from '../host/mm.js';
@@ -73,6 +74,13 @@ export interface VfioDma {
   mm: Mm;
   /** Pages this dma charged to `mm->locked_vm`. */
   lockedVm: number;
+  /**
+   * softvfio cgroup extension: the cgroup holding this dma's pinned-page charge (the owner's when
+   * the dma first got pinned, kept until fully unpinned or moved by MAP_DMA+VADDR), and the pages
+   * charged there. Unlike `lockedVm`, released even when the mm is gone: the pins really are.
+   */
+  cgroup: Cgroup | undefined;
+  cgroupPages: number;
   /** VFIO_DMA_UNMAP_FLAG_VADDR: the vaddr is stale until MAP_DMA with VFIO_DMA_MAP_FLAG_VADDR. */
   vaddrInvalid: boolean;
   /** `pfn_list`: pages pinned by vfio_pin_pages(), keyed by page index in the dma. */
@@ -104,12 +112,53 @@ export function accountLockedVm(mm: Mm, task: Process, lockCap: boolean, pages: 
  * `vfio_lock_acct(dma, pages, async)`: charges or releases pages for `dma` on its mm. An async
  * update of an mm nobody uses any more (exit, exec) is dropped (-ESRCH in the kernel, ignored by
  * its callers): the dead mm keeps its count.
+ *
+ * softvfio cgroup extension: a charge also goes to the owner's cgroup hierarchy (CAP_IPC_LOCK or
+ * not), after the RLIMIT_MEMLOCK check; either refusal is ENOMEM with nothing charged. A release
+ * always goes back to the cgroup that was charged, even for a dead mm.
  */
 export function lockAcct(dma: VfioDma, pages: number, async: boolean): void {
   if (pages === 0) return;
+  if (pages > 0) {
+    if (async && !dma.mm.alive) return;
+    accountLockedVm(dma.mm, dma.task, dma.lockCap, pages);
+    const cg = dma.cgroup ?? dma.task.cgroup;
+    try {
+      cg.chargePinned(pages);
+    } catch (err) {
+      accountLockedVm(dma.mm, dma.task, dma.lockCap, -pages);
+      throw err;
+    }
+    dma.cgroup = cg;
+    dma.cgroupPages += pages;
+    dma.lockedVm += pages;
+    return;
+  }
+  const released = Math.min(-pages, dma.cgroupPages);
+  if (released > 0) {
+    dma.cgroup!.unchargePinned(released);
+    dma.cgroupPages -= released;
+    if (dma.cgroupPages === 0) dma.cgroup = undefined;
+  }
   if (async && !dma.mm.alive) return;
   accountLockedVm(dma.mm, dma.task, dma.lockCap, pages);
   dma.lockedVm += pages;
+}
+
+/**
+ * softvfio cgroup extension, for `vfio_change_dma_owner`: moves `dma`'s cgroup charge to `to` (only
+ * below the common ancestor); ENOMEM over a limit, nothing changed. Returns the undo.
+ */
+export function moveDmaCgroup(dma: VfioDma, to: Cgroup): () => void {
+  const from = dma.cgroup;
+  const n = dma.cgroupPages;
+  if (!from || n === 0 || from === to) return () => {};
+  Cgroup.movePinned(from, to, n);
+  dma.cgroup = to;
+  return () => {
+    Cgroup.movePinned(to, from, n, true);
+    dma.cgroup = from;
+  };
 }
 
 /**

@@ -8,6 +8,7 @@ import {
   VfioIommuInfoCapId,
   VfioIommuInfoFlag,
 } from '../../uapi/vfio-type1.js';
+import type { Cgroup } from '../host/cgroup.js';
 import type { Process } from '../host/host.js';
 import { OrderedU64Map } from '../iommufd/ordered-map.js';
 import {
@@ -27,6 +28,7 @@ import {
   dmaPages,
   firstUnpinnablePage,
   lockAcct,
+  moveDmaCgroup,
   PinnedPage,
   type VfioDma,
 } from './container-dma.js';
@@ -72,6 +74,9 @@ export interface VfioDmaInfo {
   /** Pages pinned through vfio_pin_pages(). */
   externalPins: number;
   owner: Process;
+  /** softvfio cgroup extension: where the dma's pins are charged, and how many pages. */
+  cgroup: Cgroup | undefined;
+  cgroupPages: number;
 }
 
 const UNMAP_RETRIES_MAX = 10;
@@ -86,6 +91,9 @@ const UNMAP_RETRIES_MAX = 10;
  * charges page by page. A dma's charge is always `iommuMapped ? pages : externally pinned pages`:
  * a page pinned both ways is charged once; two dmas of the same memory are charged twice.
  * `mm->pinned_vm` is never touched (iommufd moves it, type1 does not).
+ *
+ * softvfio cgroup extension: every charge also goes to the owning process's cgroup hierarchy
+ * (`lockAcct`), CAP_IPC_LOCK or not; over a cgroup limit, ENOMEM with the pin undone.
  */
 export class Type1Iommu {
   readonly v2: boolean;
@@ -144,6 +152,8 @@ export class Type1Iommu {
         lockedVm: d.lockedVm,
         externalPins: d.pfns.size,
         owner: d.task,
+        cgroup: d.cgroup,
+        cgroupPages: d.cgroupPages,
       });
       return true;
     });
@@ -398,6 +408,8 @@ export class Type1Iommu {
       task: current,
       mm: current.mm,
       lockedVm: 0,
+      cgroup: undefined,
+      cgroupPages: 0,
       vaddrInvalid: false,
       pfns: new Map(),
     };
@@ -420,13 +432,18 @@ export class Type1Iommu {
   /**
    * `vfio_change_dma_owner` (v6.3+): the dma's charge moves to `current`'s mm, checked against its
    * RLIMIT_MEMLOCK (ENOMEM: nothing changes); the old mm is released if anyone still uses it.
+   * softvfio cgroup extension: the cgroup charge moves to `current`'s cgroup first (ENOMEM over a
+   * limit: nothing changes).
    */
   #changeOwner(dma: VfioDma, current: Process, op: string): void {
     if (current.mm === dma.mm) return;
     const lockCap = current.hasCap('CAP_IPC_LOCK');
+    let undoCgroup = (): void => {};
     try {
+      undoCgroup = moveDmaCgroup(dma, current.cgroup);
       accountLockedVm(current.mm, current, lockCap, dma.lockedVm);
     } catch (err) {
+      undoCgroup();
       throw withOp(err, op);
     }
     if (dma.mm.alive) accountLockedVm(dma.mm, dma.task, dma.lockCap, -dma.lockedVm);
