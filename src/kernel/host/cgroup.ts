@@ -157,8 +157,9 @@ export class Cgroup {
   chargePinned(pages: number): void {
     if (pages < 0) throw internalError(`negative cgroup charge ${pages}`);
     if (pages === 0) return;
-    for (let c: Cgroup | undefined = this; c; c = c.parent) c.#check(pages);
-    for (let c: Cgroup | undefined = this; c; c = c.parent) c.#pinnedPages += pages;
+    const lineage = this.#lineage();
+    for (const c of lineage) c.#check(pages);
+    for (const c of lineage) c.#pinnedPages += pages;
   }
 
   /** @internal releases `pages` from this cgroup and every ancestor. */
@@ -166,7 +167,7 @@ export class Cgroup {
     if (pages < 0 || pages > this.#pinnedPages) {
       throw internalError(`cgroup ${this.path}: uncharge ${pages} of ${this.#pinnedPages}`);
     }
-    for (let c: Cgroup | undefined = this; c; c = c.parent) c.#pinnedPages -= pages;
+    for (const c of this.#lineage()) c.#pinnedPages -= pages;
   }
 
   /**
@@ -189,6 +190,13 @@ export class Cgroup {
     if (!force) for (const c of toPath) c.#check(pages);
     for (const c of toPath) c.#pinnedPages += pages;
     for (let c: Cgroup | undefined = from; c !== common; c = c!.parent) c!.#pinnedPages -= pages;
+  }
+
+  /** This cgroup and its ancestors, nearest first. */
+  #lineage(): Cgroup[] {
+    const out: Cgroup[] = [this];
+    for (let c = this.parent; c; c = c.parent) out.push(c);
+    return out;
   }
 
   #check(pages: number): void {
