@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { Cgroup, Host } from '../../../src/kernel/host/index.js';
-import type { ErrnoName } from '../../../src/uapi/errno.js';
+import { Errno, type ErrnoName } from '../../../src/uapi/errno.js';
 import { isErrno } from '../../../src/uapi/error.js';
 
 const MiB = 1024n * 1024n;
@@ -155,6 +155,7 @@ test('spawn and attach errors: ENOENT (missing or removed), EINVAL (another host
   throwsErrno(() => elsewhere.attach(p), 'EINVAL');
   p.exit();
   throwsErrno(() => vm1.attach(p), 'ESRCH');
+  assert.equal(Errno.ESRCH, 3);
 });
 
 test('rmdir: EBUSY for the root, with processes or children; charges stay with a removed cgroup', () => {

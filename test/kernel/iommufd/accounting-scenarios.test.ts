@@ -432,3 +432,22 @@ test('live update failure: the new VMM over its cgroup limit or its RLIMIT_MEMLO
   assert.equal(roomy.pinnedBytes, 4n * GiB);
   assert.equal(machine.pinnedBytes, 4n * GiB);
 });
+
+test("live update the seed-003 way (fork, CHANGE_PROCESS, exec, CHANGE_PROCESS): fine at the VM's cgroup limit", () => {
+  const { host, machine, libvirt } = machineHost();
+  const vm1 = machine.mkdir('vm1', { pinnedLimitBytes: 4n * GiB });
+  const { old } = liveUpdateRig(vm1, host, libvirt, { perMm: true });
+  const qemu = old.p;
+  // The child holds the pins (as their owner) while the parent execs.
+  const child = qemu.fork();
+  old.ctx.as(child).ioasChangeProcess();
+  assert.deepEqual([qemu.mm.lockedVm, child.mm.lockedVm], [0, 4 * PAGES_PER_GiB]);
+  qemu.exec();
+  old.ctx.as(qemu).ioasChangeProcess();
+  assert.deepEqual([qemu.mm.lockedVm, child.mm.lockedVm], [4 * PAGES_PER_GiB, 0]);
+  child.exit();
+  assert.equal(vm1.pinnedBytes, 4n * GiB, 'never counted twice in vm1');
+  assert.equal(qemu.cgroup, vm1);
+  // The fork did not buy the VM more room.
+  refused(() => startVmm(host, libvirt, { cgroup: vm1, perMm: true }).map(PAGE), 'cgroup');
+});
