@@ -1,3 +1,5 @@
+import { PAGE_SIZE } from './arch.js';
+
 /** VFIO_DEVICE_FEATURE numbers (include/uapi/linux/vfio.h). */
 
 const VFIO_TYPE = 0x3b; // ';'
@@ -48,7 +50,5 @@ export const FeaturePayloadBytes = {
 /** `sizeof(struct vfio_precopy_info)`. */
 export const PRECOPY_INFO_BYTES = 24;
 
-/** DMA logging limits: PAGE_SIZE / sizeof(struct vfio_device_feature_dma_logging_range). */
-export const PAGE_SIZE = 4096;
+/** DMA logging limit: PAGE_SIZE / sizeof(struct vfio_device_feature_dma_logging_range). */
 export const LOG_MAX_RANGES = PAGE_SIZE / 16;
-export const U64_MAX = (1n << 64n) - 1n;

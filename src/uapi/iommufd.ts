@@ -109,14 +109,6 @@ export const HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1;
 /** `enum iommu_hw_capabilities`. */
 export const IOMMU_HW_CAP_DIRTY_TRACKING = 1;
 
-/** u64 all-ones: ULONG_MAX on a 64-bit kernel. */
-export const U64_MAX = (1n << 64n) - 1n;
-/** The kernel's PAGE_SIZE (x86-64, arm64 4K). */
-export const PAGE_SIZE = 4096;
-export const PAGE_SIZE_N = 4096n;
-/** Transparent huge page size (x86-64 PMD). */
-export const HPAGE_SIZE_N = 2n * 1024n * 1024n;
-
 /** `struct iommu_iova_range`: inclusive bounds. */
 export interface IovaRange {
   start: bigint;

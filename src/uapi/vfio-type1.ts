@@ -46,7 +46,6 @@ export const VfioIommuInfoCapId = {
 
 /** `dma_entry_limit` default of vfio_iommu_type1 (U16_MAX): vfio_dma objects per container. */
 export const DMA_ENTRY_LIMIT_DEFAULT = 65535;
-export const U32_MAX = 0xffff_ffff;
 
 /** Largest dirty bitmap type1 reports in its MIGRATION capability: INT_MAX bits, rounded to u64s. */
 export const DIRTY_BITMAP_SIZE_MAX = 1n << 28n;

@@ -1,5 +1,5 @@
+import { PAGE_SIZE_N, U64_MAX } from '../../uapi/arch.js';
 import { internalError, kernelError } from '../../uapi/error.js';
-import { PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
 import { withOp } from './errors.js';
 import type { AccessSeg, IoptAccess } from './io-pagetable.js';
 import type { AccessObject, IoasObject, IommufdCore } from './objects.js';

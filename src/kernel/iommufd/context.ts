@@ -1,3 +1,4 @@
+import { U64_MAX } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
 import {
   IOAS_MAP_FLAGS_ALL,
@@ -7,7 +8,6 @@ import {
   IommuVfioIoasOp,
   type IovaRange,
   SoftvfioIommuOption,
-  U64_MAX,
 } from '../../uapi/iommufd.js';
 import type { Process } from '../host/host.js';
 import { type AccessCreateOptions, type AccessOps, IommufdAccess } from './access.js';

@@ -1,3 +1,4 @@
+import { U64_MAX } from '../../uapi/arch.js';
 import { isErrno, kernelError } from '../../uapi/error.js';
 import {
   HWPT_ALLOC_FLAGS_ALL,
@@ -7,7 +8,6 @@ import {
   HwptAllocFlag,
   HwptDataType,
   IOMMU_HW_CAP_DIRTY_TRACKING,
-  U64_MAX,
 } from '../../uapi/iommufd.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { withOp } from './errors.js';

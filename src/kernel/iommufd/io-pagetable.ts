@@ -1,5 +1,6 @@
+import { HPAGE_SIZE_N, PAGE_SIZE_N, U64_MAX } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
-import { HPAGE_SIZE_N, type IovaRange, PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
+import { type IovaRange } from '../../uapi/iommufd.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 import { OrderedU64Map } from './ordered-map.js';
 import type { PagesTable } from './pages.js';

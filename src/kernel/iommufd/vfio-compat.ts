@@ -1,7 +1,7 @@
+import { PAGE_SIZE_N, U32_MAX, U64_MAX } from '../../uapi/arch.js';
 import { kernelError, VfioError } from '../../uapi/error.js';
-import { type IovaRange, PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
+import { type IovaRange } from '../../uapi/iommufd.js';
 import {
-  U32_MAX,
   VFIO_API_VERSION,
   VfioDmaMapFlag,
   VfioDmaUnmapFlag,

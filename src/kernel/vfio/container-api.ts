@@ -1,5 +1,5 @@
+import { PAGE_SIZE_N, U64_MAX } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
-import { PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
 import type { VfioIommuInfoCapId } from '../../uapi/vfio-type1.js';
 import type { Process } from '../host/host.js';
 

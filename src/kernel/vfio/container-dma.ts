@@ -1,9 +1,9 @@
+import { PAGE_SIZE_N } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
 import { Cgroup } from '../host/cgroup.js';
 import type { Process } from '../host/host.js';
 import type { LazyBytes } from '../host/lazy-bytes.js';
 import type { Mm } from '../host/mm.js';
-import { PAGE_SIZE_N } from '../../uapi/iommufd.js';
 
 /**
  * Pieces of type1's `struct vfio_dma` and of its pinned-page accounting (`vfio_lock_acct`,

@@ -1,5 +1,6 @@
+import { PAGE_SIZE_N, U64_MAX } from '../../uapi/arch.js';
 import { internalError, kernelError, VfioError } from '../../uapi/error.js';
-import { type IovaRange, PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
+import { type IovaRange } from '../../uapi/iommufd.js';
 import {
   DIRTY_BITMAP_SIZE_MAX,
   VfioDmaMapFlag,

@@ -1,5 +1,6 @@
+import { PAGE_SIZE_N, U64_MAX } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
-import { type IovaRange, PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
+import { type IovaRange } from '../../uapi/iommufd.js';
 import { VFIO_API_VERSION, VFIO_PIN_PAGES_MAX_ENTRIES, VfioExtension } from '../../uapi/vfio-type1.js';
 import type { Host, Process } from '../host/host.js';
 import {

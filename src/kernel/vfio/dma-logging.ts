@@ -1,4 +1,5 @@
-import { LOG_MAX_RANGES, PAGE_SIZE, U64_MAX } from '../../uapi/device-feature.js';
+import { PAGE_SIZE, U64_MAX } from '../../uapi/arch.js';
+import { LOG_MAX_RANGES } from '../../uapi/device-feature.js';
 import { kernelError } from '../../uapi/error.js';
 
 /** `struct vfio_device_feature_dma_logging_range`. */
