@@ -717,8 +717,11 @@ export class IoPagetable {
   /**
    * `iopt_cut_iova` (VFIO compat TYPE1 unmaps): each IOVA inside an area becomes the last byte of
    * one area and the next IOVA the first byte of another, both on the same pages object (pins carry
-   * over, nothing is charged again). Cuts stop at the first error: EINVAL when the new start is
-   * not on the IOVA alignment, or when a domain may hold the area in large pages.
+   * over, nothing is charged again). Cuts stop at the first error (earlier cuts stay), in
+   * `iopt_area_split`'s order: EBUSY when the area is being unmapped (an access was asked to unpin
+   * it and has not); EINVAL when the new start is not on the IOVA alignment; EINVAL when an access
+   * has pages of the area pinned (the pins could not be split with it); EINVAL when a domain may
+   * hold the area in large pages.
    */
   cutIova(iovas: readonly bigint[]): void {
     for (const iova of iovas) {
@@ -732,12 +735,22 @@ export class IoPagetable {
     const start = this.#iova[a]!;
     const last = this.#last[a]!;
     if (iova === start || iova === last) return;
+    const st = this.#areaState.size > 0 ? this.#areaState.get(a) : undefined;
+    if (st?.prevent) {
+      throw kernelError('EBUSY', `area 0x${start.toString(16)} is being unmapped`);
+    }
     const pid = this.#pid[a]!;
     const off = this.#off[a]!;
     const lhsLen = iova + 1n - start;
     const align = this.iovaAlignment;
     if ((iova + 1n) % align !== 0n || (this.pages.start(pid) + off + lhsLen) % align !== 0n) {
       throw kernelError('EINVAL', `cannot cut the area at 0x${iova.toString(16)}: misaligned`);
+    }
+    if (st && st.accesses > 0) {
+      throw kernelError(
+        'EINVAL',
+        `cannot cut area 0x${start.toString(16)}: an access has pages of it pinned`,
+      );
     }
     if (this.#domains > 0 && !this.disableLargePages) {
       throw kernelError('EINVAL', 'cannot cut an area a domain may hold in large pages');
