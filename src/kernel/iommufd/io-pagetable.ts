@@ -1,11 +1,11 @@
 import { kernelError } from '../../uapi/error.js';
 import { HPAGE_SIZE_N, type IovaRange, PAGE_SIZE_N, U64_MAX } from '../../uapi/iommufd.js';
-import type { MemFile } from '../host/memfd.js';
-import type { Mm } from '../host/mm.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 import { IovaPageIndex, makePte, PTE_MAX_PROVIDER, PTE_MAX_SOURCE } from './iova-page-index.js';
 import { OrderedU64Map } from './ordered-map.js';
 import type { PagesTable } from './pages.js';
+import type { MemFile } from '../host/memfd.js';
+import type { Mm } from '../host/mm.js';
 
 /** Area permission bits (IOMMU_WRITE / IOMMU_READ). */
 export const AreaProt = { WRITE: 1, READ: 2 } as const;
