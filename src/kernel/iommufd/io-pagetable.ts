@@ -53,7 +53,6 @@ export const UNMAP_NOTIFY_TRIES = 100;
 
 const ULONG_HALF = U64_MAX / 2n;
 const PAGE_SIZE_N_NUM = Number(PAGE_SIZE_N);
-
 const MAX_EXACT = BigInt(Number.MAX_SAFE_INTEGER);
 
 function roundupPow2(n: bigint): bigint {
@@ -105,10 +104,16 @@ export class IoPagetable {
   #off = new BigUint64Array(0);
   #pid = new Int32Array(0);
   #prot = new Uint8Array(0);
-  /** Memory providers of the areas' pages, by PTE provider id (a pages object's never changes). */
+  /**
+   * Memory providers of the areas' pages, by PTE provider id (a pages object's provider never
+   * changes). Ids are not reused: areas of providers past PTE_MAX_PROVIDER go through the tree.
+   */
   #providers: (Mm | MemFile)[] = [];
   #providerIds = new Map<Mm | MemFile, number>();
-  /** IOVA page -> area, kept while a domain is attached (every area is then page aligned). */
+  /**
+   * The IO page table device DMA walks (IOVA page -> PTE), kept while a domain is attached (every
+   * area is then page aligned) and dropped with the last one.
+   */
   #index: IovaPageIndex | undefined;
   #free: number[] = [];
   #next = 0;

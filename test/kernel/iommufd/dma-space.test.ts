@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
+import fc from 'fast-check';
 import { IoasDmaSpace } from '../../../src/kernel/iommufd/index.js';
 import { DmaFault } from '../../../src/kernel/vfio/dma-port.js';
 import { HwptAllocFlag } from '../../../src/uapi/iommufd.js';
@@ -190,4 +191,116 @@ test('device writes set HWPT dirty bits for every page they touch, fast path or 
     data,
   });
   assert.equal(data[0], 0b0001_1110);
+});
+
+test('translate() through the IO page table agrees with the area tree over random map/unmap/copy/cut/attach', () => {
+  const WINDOW = 512n; // pages of IOVA space exercised
+  const op = fc.oneof(
+    fc.record({
+      kind: fc.constant('map' as const),
+      page: fc.nat(Number(WINDOW) - 1),
+      pages: fc.integer({ min: 1, max: 40 }),
+      src: fc.nat(200),
+      file: fc.boolean(),
+      ro: fc.boolean(),
+    }),
+    fc.record({ kind: fc.constant('unmap' as const), pick: fc.nat() }),
+    fc.record({ kind: fc.constant('copy' as const), pick: fc.nat(), page: fc.nat(Number(WINDOW) - 1) }),
+    fc.record({ kind: fc.constant('cut' as const), pick: fc.nat(), at: fc.nat() }),
+    fc.record({ kind: fc.constant('attach' as const), on: fc.boolean() }),
+  );
+  fc.assert(
+    fc.property(
+      fc.array(op, { maxLength: 25 }),
+      fc.array(fc.nat(Number(WINDOW) * 4096 - 1), { maxLength: 8 }),
+      (ops, extra) => {
+        const { ctx, ioas, p, a, dev, space } = rig();
+        const fd = p.memfdCreate(1n * MiB);
+        ctx.detach({ devId: dev });
+        ctx.option({ optionId: 1, op: 0, objectId: ioas, val64: 0n }); // cuts allowed under a domain
+        ctx.attachIoas({ devId: dev, ptId: ioas });
+        const iopt = ctx.ioas(ioas, 't').iopt;
+        let attached = true;
+        const tryIt = (fn: () => void) => {
+          try {
+            fn();
+          } catch (err) {
+            if (!(err as { errno?: string }).errno) throw err;
+          }
+        };
+        for (const o of ops) {
+          const areas = iopt.areas();
+          const pick = (n: number) => areas[n % areas.length]!;
+          if (o.kind === 'map') {
+            const length = BigInt(o.pages) * PAGE;
+            const iova = BigInt(o.page) * PAGE;
+            const flags = FIXED | (o.ro ? R : RW);
+            const start = BigInt(o.src) * PAGE;
+            tryIt(() =>
+              o.file
+                ? ctx.ioasMapFile({ flags, ioasId: ioas, fd, start, length, iova })
+                : ctx.ioasMap({ flags, ioasId: ioas, userVa: a + start, length, iova }),
+            );
+          } else if (areas.length === 0) continue;
+          else if (o.kind === 'unmap') {
+            const x = pick(o.pick);
+            const iova = iopt.areaIova(x);
+            tryIt(() => ctx.ioasUnmap({ ioasId: ioas, iova, length: iopt.areaLast(x) - iova + 1n }));
+          } else if (o.kind === 'copy') {
+            const x = pick(o.pick);
+            const srcIova = iopt.areaIova(x);
+            const length = iopt.areaLast(x) - srcIova + 1n;
+            tryIt(() =>
+              ctx.ioasCopy({
+                flags: FIXED | R,
+                dstIoasId: ioas,
+                srcIoasId: ioas,
+                length,
+                srcIova,
+                dstIova: BigInt(o.page) * PAGE,
+              }),
+            );
+          } else if (o.kind === 'cut') {
+            const x = pick(o.pick);
+            const pages = (iopt.areaLast(x) - iopt.areaIova(x) + 1n) / PAGE;
+            tryIt(() => iopt.cutIova([iopt.areaIova(x) + BigInt(o.at % Number(pages)) * PAGE - 1n]));
+          } else if (o.on !== attached) {
+            if (o.on) ctx.attachIoas({ devId: dev, ptId: ioas });
+            else ctx.detach({ devId: dev });
+            attached = o.on;
+          }
+          const probes = new Set<bigint>(extra.map(BigInt));
+          for (const x of iopt.areas()) {
+            for (const d of [-1n, 0n, 1n]) probes.add(iopt.areaIova(x) + d);
+            for (const d of [-1n, 0n, 1n]) probes.add(iopt.areaLast(x) + d);
+          }
+          for (const iova of probes) {
+            if (iova < 0n) continue;
+            for (const access of ['read', 'write'] as const) {
+              const x = iopt.areaAt(iova);
+              const ok = attached && x >= 0 && (iopt.areaProt(x) & (access === 'write' ? 1 : 2)) !== 0;
+              if (!ok) {
+                assert.throws(
+                  () => space.translate(iova, access),
+                  DmaFault,
+                  `0x${iova.toString(16)} ${access}`,
+                );
+                continue;
+              }
+              assert.notEqual(
+                iopt.dmaPte(Number(iova / PAGE)),
+                0,
+                'the page table describes every area here',
+              );
+              const want =
+                iopt.pages.start(iopt.areaPages(x)) + iopt.areaOffset(x) + (iova - iopt.areaIova(x));
+              assert.equal(space.translate(iova, access), Number(want), `0x${iova.toString(16)} ${access}`);
+            }
+          }
+        }
+        ctx.close();
+      },
+    ),
+    { numRuns: 60, seed: 5 },
+  );
 });
