@@ -1,6 +1,7 @@
 import { writeFileSync } from 'node:fs';
 import { benchDeviceSaveLoad } from './device-save-load.js';
 import { benchIommufdMap } from './iommufd-map.js';
+import { benchIommufdTranslate } from './iommufd-translate.js';
 import { type BenchResult, machineLine, toMarkdown } from './report.js';
 import { benchTransitions } from './transitions.js';
 import { benchVmmDirty, vmmDirtyResult } from './vmm-dirty.js';
@@ -77,6 +78,7 @@ const benchmarks: (() => Promise<BenchResult>)[] = [
   benchTransitions,
   deviceSaveLoad,
   iommufdMap,
+  benchIommufdTranslate,
   async () => vmmDirtyResult(await benchVmmDirty()),
 ];
 

@@ -3,6 +3,7 @@ import { invalidArgument } from '../uapi/error.js';
 import { MigFeature } from '../uapi/migration.js';
 import type { SampleDevice, SampleDeviceFactory, SampleDeviceOptions } from './sample-device.js';
 import {
+  deviceDma,
   StateDriver as Driver,
   type StateDriver,
   StateSampleDevice,
@@ -19,14 +20,18 @@ export interface AccelDeviceOptions extends SampleDeviceOptions {
 
 const PAGE = 4096;
 /** Execution context registers. */
-const CTX = {
+export const ACCEL_CTX = {
   PRNG: 0,
   SUBMITTED: 8,
   COMPLETED: 16,
   LAST_OFFSET: 24,
   LAST_LENGTH: 32,
   DMA_BYTES: 40,
+  /** DMA faults jobs met (the IOMMU refused an input read or a completion write), last IOVA. */
+  DMA_FAULTS: 48,
+  LAST_FAULT_IOVA: 56,
 } as const;
+const CTX = ACCEL_CTX;
 const DMA_INPUT_BYTES = 4096;
 const COMPLETION_BYTES = 64;
 
@@ -34,6 +39,11 @@ const COMPLETION_BYTES = 64;
  * An accelerator: device memory that jobs rewrite (a few KiB to 256 KiB at random offsets), an
  * execution context (registers, job counters) sent at stop-copy. PRE_COPY streams device memory
  * while jobs run and re-sends the chunks they dirty.
+ *
+ * With a guest buffer, a job reads its input from it and writes a completion back. A DMA the IOMMU
+ * refuses ends the job's DMA there: an input fault skips the input and the completion, a
+ * completion fault writes nothing; DMA_FAULTS counts them, LAST_FAULT_IOVA keeps the last IOVA,
+ * DMA_BYTES only counts transfers that happened. work() never throws for a DMA fault.
  */
 export function createAccelDevice(options: AccelDeviceOptions = {}): SampleDevice & { driver: StateDriver } {
   const memoryBytes = options.memoryBytes ?? 64 << 20;
@@ -63,6 +73,7 @@ export function createAccelDevice(options: AccelDeviceOptions = {}): SampleDevic
   const completion = new Uint8Array(COMPLETION_BYTES);
   const completionWords = new DataView(completion.buffer);
   const guest = options.guestBuffer;
+  const faultRegs = { count: CTX.DMA_FAULTS, lastIova: CTX.LAST_FAULT_IOVA };
 
   return new StateSampleDevice(options.name ?? 'accel0', driver, options.dma, (dma) => {
     let x = xorshift32(ctx.u32(CTX.PRNG));
@@ -84,14 +95,19 @@ export function createAccelDevice(options: AccelDeviceOptions = {}): SampleDevic
     if (dma && guest && guest.bytes >= DMA_INPUT_BYTES + COMPLETION_BYTES) {
       // Input from the guest buffer lands at the start of the job's range; a completion goes back.
       const slots = Math.floor((guest.bytes - COMPLETION_BYTES) / PAGE);
-      dma.read(guest.iova + BigInt((x % Math.max(1, slots)) * PAGE), input);
-      target.set(input.subarray(0, Math.min(input.length, length)));
-      completionWords.setBigUint64(0, job, true);
-      completionWords.setBigUint64(8, BigInt(offset), true);
-      completionWords.setUint32(16, length, true);
-      completionWords.setUint32(20, x, true);
-      dma.write(guest.iova + BigInt(guest.bytes - COMPLETION_BYTES), completion);
-      ctx.setU64(CTX.DMA_BYTES, ctx.u64(CTX.DMA_BYTES) + BigInt(DMA_INPUT_BYTES + COMPLETION_BYTES));
+      const inputIova = guest.iova + BigInt((x % Math.max(1, slots)) * PAGE);
+      if (deviceDma(ctx, faultRegs, () => dma.read(inputIova, input))) {
+        ctx.setU64(CTX.DMA_BYTES, ctx.u64(CTX.DMA_BYTES) + BigInt(DMA_INPUT_BYTES));
+        target.set(input.subarray(0, Math.min(input.length, length)));
+        completionWords.setBigUint64(0, job, true);
+        completionWords.setBigUint64(8, BigInt(offset), true);
+        completionWords.setUint32(16, length, true);
+        completionWords.setUint32(20, x, true);
+        const completionIova = guest.iova + BigInt(guest.bytes - COMPLETION_BYTES);
+        if (deviceDma(ctx, faultRegs, () => dma.write(completionIova, completion))) {
+          ctx.setU64(CTX.DMA_BYTES, ctx.u64(CTX.DMA_BYTES) + BigInt(COMPLETION_BYTES));
+        }
+      }
     }
     ctx.setU64(CTX.LAST_OFFSET, BigInt(offset));
     ctx.setU64(CTX.LAST_LENGTH, BigInt(length));

@@ -1,7 +1,7 @@
 import { invalidArgument } from '../uapi/error.js';
 import { MigFeature } from '../uapi/migration.js';
 import type { SampleDevice, SampleDeviceFactory, SampleDeviceOptions } from './sample-device.js';
-import { StateDriver, StateSampleDevice, xorshift32 } from './state/state-driver.js';
+import { deviceDma, StateDriver, StateSampleDevice, xorshift32 } from './state/state-driver.js';
 import { DeviceStateImage } from './state/state-region.js';
 
 export interface NicRxRing {
@@ -32,6 +32,9 @@ export const NIC_REG = {
   TX_PACKETS: 32,
   FLOW_UPDATES: 40,
   RX_DROPPED: 48,
+  /** DMA faults the NIC met (the IOMMU refused an RX ring write), and the IOVA of the last one. */
+  DMA_FAULTS: 56,
+  LAST_FAULT_IOVA: 64,
 } as const;
 const R = NIC_REG;
 
@@ -39,6 +42,11 @@ const R = NIC_REG;
  * A NIC: filter table, flow table, queue indices and counters. Running, it updates flows and
  * counters and receives packets into the guest RX ring by DMA; P2P-quiesced it does no DMA (packets
  * are dropped and counted); stopped it does nothing.
+ *
+ * A ring write the IOMMU refuses (unmapped or read-only IOVA) is the NIC's to report: the packet is
+ * dropped (RX_DROPPED), DMA_FAULTS counts it and LAST_FAULT_IOVA keeps where; the ring head stays,
+ * nothing of the packet reaches guest memory, and work() goes on. The NIC tracks its own DMA writes
+ * (DMA_LOGGING_* features); without a DMA port it gets an unattached one, where every DMA faults.
  */
 export function createNicDevice(options: NicDeviceOptions = {}): SampleDevice & { driver: StateDriver } {
   const flowTableBytes = options.flowTableBytes ?? 8 << 20;
@@ -77,7 +85,9 @@ export function createNicDevice(options: NicDeviceOptions = {}): SampleDevice & 
       if (!fresh) for (const r of image.regions) r.clear();
       regs.setU32(R.PRNG, seed >>> 0 || 1);
     },
+    { dmaLogging: true },
   );
+  const faultRegs = { count: R.DMA_FAULTS, lastIova: R.LAST_FAULT_IOVA };
   const flowCount = flowTableBytes / FLOW_ENTRY_BYTES;
   const packet = ring ? new Uint8Array(ring.bufferBytes) : undefined;
   const packetWords = packet ? new Uint32Array(packet.buffer, 0, packet.length >>> 2) : undefined;
@@ -114,10 +124,14 @@ export function createNicDevice(options: NicDeviceOptions = {}): SampleDevice & 
         x = fillWords(packetWords.subarray(1), Math.ceil(length / 4), x);
         packetWords[0] = length;
         const head = regs.u32(R.RX_HEAD);
-        dma.write(ring.iova + BigInt(head) * BigInt(ring.bufferBytes), packet.subarray(0, 4 + length));
-        regs.setU32(R.RX_HEAD, (head + 1) % ring.entries);
-        regs.setU64(R.RX_PACKETS, regs.u64(R.RX_PACKETS) + 1n);
-        regs.setU64(R.RX_BYTES, regs.u64(R.RX_BYTES) + BigInt(length));
+        const iova = ring.iova + BigInt(head) * BigInt(ring.bufferBytes);
+        if (deviceDma(regs, faultRegs, () => dma.write(iova, packet.subarray(0, 4 + length)))) {
+          regs.setU32(R.RX_HEAD, (head + 1) % ring.entries);
+          regs.setU64(R.RX_PACKETS, regs.u64(R.RX_PACKETS) + 1n);
+          regs.setU64(R.RX_BYTES, regs.u64(R.RX_BYTES) + BigInt(length));
+        } else {
+          regs.setU64(R.RX_DROPPED, regs.u64(R.RX_DROPPED) + 1n);
+        }
       } else {
         regs.setU64(R.RX_DROPPED, regs.u64(R.RX_DROPPED) + 1n);
       }
@@ -128,6 +142,6 @@ export function createNicDevice(options: NicDeviceOptions = {}): SampleDevice & 
 
 export const nicDeviceFactory: SampleDeviceFactory<NicDeviceOptions> = {
   type: 'nic',
-  description: 'NIC with filter and flow tables and an RX ring (STOP_COPY|P2P|PRE_COPY)',
+  description: 'NIC with filter and flow tables and an RX ring (STOP_COPY|P2P|PRE_COPY, DMA logging)',
   create: createNicDevice,
 };

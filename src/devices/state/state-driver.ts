@@ -1,11 +1,11 @@
-import type { DmaPort } from '../../kernel/vfio/dma-port.js';
+import { DmaPort, dmaFaultOf, UnattachedDmaSpace } from '../../kernel/vfio/dma-port.js';
 import type { MigrationDriver, ResumingSession, SavingSession } from '../../kernel/vfio/migration-driver.js';
 import { VfioDevice } from '../../kernel/vfio/vfio-device.js';
 import { internalError } from '../../uapi/error.js';
 import type { MigFeatureFlags } from '../../uapi/migration.js';
 import type { SampleDevice } from '../sample-device.js';
 import { StateLoader } from './state-loader.js';
-import type { DeviceStateImage } from './state-region.js';
+import type { DeviceStateImage, StateRegion } from './state-region.js';
 import { recordHeadersFor, StateSaver } from './state-saver.js';
 import { RECORD_HEADER_BYTES, STREAM_HEADER_BYTES } from './stream-format.js';
 
@@ -17,7 +17,7 @@ import { RECORD_HEADER_BYTES, STREAM_HEADER_BYTES } from './stream-format.js';
 export class StateDriver implements MigrationDriver {
   readonly deviceType: string;
   readonly migrationFlags: MigFeatureFlags;
-  readonly dmaLogging = false;
+  readonly dmaLogging: boolean;
   readonly image: DeviceStateImage;
   readonly #powerOn: (fresh: boolean) => void;
   #running = true;
@@ -25,10 +25,19 @@ export class StateDriver implements MigrationDriver {
   #saver: StateSaver | undefined;
   #loader: StateLoader | undefined;
 
-  /** `powerOn(fresh)` writes the power-on state; `fresh` = regions are still all zero (construction). */
-  constructor(image: DeviceStateImage, migrationFlags: MigFeatureFlags, powerOn: (fresh: boolean) => void) {
+  /**
+   * `powerOn(fresh)` writes the power-on state; `fresh` = regions are still all zero (construction).
+   * `dmaLogging`: the device tracks its own DMA writes (the VFIO DMA_LOGGING_* features).
+   */
+  constructor(
+    image: DeviceStateImage,
+    migrationFlags: MigFeatureFlags,
+    powerOn: (fresh: boolean) => void,
+    options: { dmaLogging?: boolean } = {},
+  ) {
     this.deviceType = image.deviceType;
     this.migrationFlags = migrationFlags;
+    this.dmaLogging = options.dmaLogging ?? false;
     this.image = image;
     this.#powerOn = powerOn;
     powerOn(true);
@@ -96,7 +105,11 @@ export class StateDriver implements MigrationDriver {
   }
 }
 
-/** A SampleDevice over a StateDriver: `step` is one unit of the device's own work. */
+/**
+ * A SampleDevice over a StateDriver: `step` is one unit of the device's own work, given the DMA
+ * port unless the device is P2P-quiesced. A device with DMA logging always has a port (the VFIO core
+ * watches it): given none, it gets one over an UnattachedDmaSpace, where every DMA faults.
+ */
 export class StateSampleDevice implements SampleDevice {
   readonly vfio: VfioDevice;
   readonly driver: StateDriver;
@@ -109,7 +122,8 @@ export class StateSampleDevice implements SampleDevice {
     step: (dma: DmaPort | undefined) => void,
   ) {
     this.driver = driver;
-    this.vfio = dma ? new VfioDevice({ name, driver, dma }) : new VfioDevice({ name, driver });
+    const port = dma ?? (driver.dmaLogging ? new DmaPort(new UnattachedDmaSpace()) : undefined);
+    this.vfio = port ? new VfioDevice({ name, driver, dma: port }) : new VfioDevice({ name, driver });
     this.#step = step;
   }
 
@@ -131,4 +145,22 @@ export function xorshift32(x: number): number {
   s ^= s >>> 17;
   s ^= s << 5;
   return s >>> 0;
+}
+
+/**
+ * Where a device keeps its DMA fault report in its registers: a u64 count and the u64 IOVA of the
+ * last fault (migratable state like every other register).
+ */
+export interface DmaFaultRegisters {
+  count: number;
+  lastIova: number;
+}
+
+/** Runs one DMA of the device; a DmaFault is recorded in its registers: false. Other errors throw. */
+export function deviceDma(regs: StateRegion, at: DmaFaultRegisters, dma: () => void): boolean {
+  const fault = dmaFaultOf(dma);
+  if (!fault) return true;
+  regs.setU64(at.count, regs.u64(at.count) + 1n);
+  regs.setU64(at.lastIova, fault.iova);
+  return false;
 }

@@ -2,8 +2,11 @@ import { HPAGE_SIZE_N, PAGE_SIZE_N, U64_MAX } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
 import { type IovaRange } from '../../uapi/iommufd.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
+import { IovaPageIndex, makePte, PTE_MAX_PROVIDER, PTE_MAX_SOURCE } from './iova-page-index.js';
 import { OrderedU64Map } from './ordered-map.js';
 import type { PagesTable } from './pages.js';
+import type { MemFile } from '../host/memfd.js';
+import type { Mm } from '../host/mm.js';
 
 /** Area permission bits (IOMMU_WRITE / IOMMU_READ). */
 export const AreaProt = { WRITE: 1, READ: 2 } as const;
@@ -50,6 +53,7 @@ interface AreaAccessState {
 export const UNMAP_NOTIFY_TRIES = 100;
 
 const ULONG_HALF = U64_MAX / 2n;
+const PAGE_SIZE_N_NUM = Number(PAGE_SIZE_N);
 const MAX_EXACT = BigInt(Number.MAX_SAFE_INTEGER);
 
 function roundupPow2(n: bigint): bigint {
@@ -101,6 +105,17 @@ export class IoPagetable {
   #off = new BigUint64Array(0);
   #pid = new Int32Array(0);
   #prot = new Uint8Array(0);
+  /**
+   * Memory providers of the areas' pages, by PTE provider id (a pages object's provider never
+   * changes). Ids are not reused: areas of providers past PTE_MAX_PROVIDER go through the tree.
+   */
+  #providers: (Mm | MemFile)[] = [];
+  #providerIds = new Map<Mm | MemFile, number>();
+  /**
+   * The IO page table device DMA walks (IOVA page -> PTE), kept while a domain is attached (every
+   * area is then page aligned) and dropped with the last one.
+   */
+  #index: IovaPageIndex | undefined;
   #free: number[] = [];
   #next = 0;
   #reserved: ReservedRange[] = [];
@@ -187,18 +202,21 @@ export class IoPagetable {
       if (this.#next === this.#cap) this.#grow();
       a = this.#next++;
     }
+    const last = iova + elm.length - 1n;
     this.#iova[a] = iova;
-    this.#last[a] = iova + elm.length - 1n;
+    this.#last[a] = last;
     this.#off[a] = elm.offset;
     this.#pid[a] = elm.pagesId;
     this.#prot[a] = prot;
     this.pages.ref(elm.pagesId);
     this.#link(a);
+    if (this.#index) this.#indexArea(this.#index, a);
     return a;
   }
 
   /** Frees an area record that holds no pin; returns the next area or -1. */
   #freeArea(a: number): number {
+    this.#index?.clear(Number(this.#iova[a]! >> 12n), Number(this.#last[a]! >> 12n));
     const next = this.#unlink(a);
     this.pages.unref(this.#pid[a]!);
     this.#pid[a] = -1;
@@ -240,6 +258,53 @@ export class IoPagetable {
   /** `num_locks` of area `a`. */
   areaLocks(a: number): number {
     return this.#areaState.get(a)?.locks ?? 0;
+  }
+
+  #providerId(pagesId: number): number {
+    const src = this.pages.source(pagesId);
+    const provider = src.file ?? src.mm!;
+    let id = this.#providerIds.get(provider);
+    if (id === undefined) {
+      id = this.#providers.length;
+      this.#providers.push(provider);
+      this.#providerIds.set(provider, id);
+    }
+    return id;
+  }
+
+  // ---- the device DMA view -------------------------------------------------------------------
+
+  /**
+   * The PTE the domains' IO page table holds for IOVA page `page` (IOVA >> 12; see
+   * iova-page-index.ts: source address, provider id, prot), or 0 when it has none: no domain, no
+   * area there, or an area the table does not describe. 0 is no answer: ask the area tree.
+   */
+  dmaPte(page: number): number {
+    return this.#index ? this.#index.lookup(page) : 0;
+  }
+
+  /** The memory provider (process mm or memfd) of a PTE's provider id. */
+  dmaProvider(id: number): Mm | MemFile {
+    return this.#providers[id]!;
+  }
+
+  /** Enters area `a` into the IO page table, when a PTE can describe it (else DMA takes the tree). */
+  #indexArea(index: IovaPageIndex, a: number): void {
+    const iova = this.#iova[a]!;
+    const last = this.#last[a]!;
+    const source = Number(this.#sourceAddr(a, iova));
+    const provider = this.#providerId(this.#pid[a]!);
+    const length = Number(last - iova + 1n);
+    if (
+      source % PAGE_SIZE_N_NUM !== 0 ||
+      source + length > PTE_MAX_SOURCE ||
+      provider > PTE_MAX_PROVIDER ||
+      (iova & (PAGE_SIZE_N - 1n)) !== 0n ||
+      length % PAGE_SIZE_N_NUM !== 0
+    ) {
+      return;
+    }
+    index.set(Number(iova >> 12n), Number(last >> 12n), makePte(source, provider, this.#prot[a]!));
   }
 
   /** The area containing `iova`, or -1. */
@@ -360,6 +425,11 @@ export class IoPagetable {
       throw err;
     }
     this.#domains++;
+    if (!this.#index) {
+      const index = new IovaPageIndex();
+      for (const a of this.areas()) this.#indexArea(index, a);
+      this.#index = index;
+    }
     if (dirty) this.#dirty.set(owner, dirty);
   }
 
@@ -367,7 +437,10 @@ export class IoPagetable {
   removeDomain(owner: unknown): void {
     this.unreserve(owner);
     this.#dirty.delete(owner);
-    if (--this.#domains === 0) for (const a of this.areas()) this.#unpinArea(a);
+    if (--this.#domains === 0) {
+      for (const a of this.areas()) this.#unpinArea(a);
+      this.#index = undefined;
+    }
   }
 
   // ---- accesses -----------------------------------------------------------------------------
@@ -718,8 +791,11 @@ export class IoPagetable {
   /**
    * `iopt_cut_iova` (VFIO compat TYPE1 unmaps): each IOVA inside an area becomes the last byte of
    * one area and the next IOVA the first byte of another, both on the same pages object (pins carry
-   * over, nothing is charged again). Cuts stop at the first error: EINVAL when the new start is
-   * not on the IOVA alignment, or when a domain may hold the area in large pages.
+   * over, nothing is charged again). Cuts stop at the first error (earlier cuts stay), in
+   * `iopt_area_split`'s order: EBUSY when the area is being unmapped (an access was asked to unpin
+   * it and has not); EINVAL when the new start is not on the IOVA alignment; EINVAL when an access
+   * has pages of the area pinned (the pins could not be split with it); EINVAL when a domain may
+   * hold the area in large pages.
    */
   cutIova(iovas: readonly bigint[]): void {
     for (const iova of iovas) {
@@ -733,12 +809,22 @@ export class IoPagetable {
     const start = this.#iova[a]!;
     const last = this.#last[a]!;
     if (iova === start || iova === last) return;
+    const st = this.#areaState.size > 0 ? this.#areaState.get(a) : undefined;
+    if (st?.prevent) {
+      throw kernelError('EBUSY', `area 0x${start.toString(16)} is being unmapped`);
+    }
     const pid = this.#pid[a]!;
     const off = this.#off[a]!;
     const lhsLen = iova + 1n - start;
     const align = this.iovaAlignment;
     if ((iova + 1n) % align !== 0n || (this.pages.start(pid) + off + lhsLen) % align !== 0n) {
       throw kernelError('EINVAL', `cannot cut the area at 0x${iova.toString(16)}: misaligned`);
+    }
+    if (st && st.accesses > 0) {
+      throw kernelError(
+        'EINVAL',
+        `cannot cut area 0x${start.toString(16)}: an access has pages of it pinned`,
+      );
     }
     if (this.#domains > 0 && !this.disableLargePages) {
       throw kernelError('EINVAL', 'cannot cut an area a domain may hold in large pages');

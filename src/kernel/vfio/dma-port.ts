@@ -62,6 +62,34 @@ export class DmaPort {
   }
 }
 
+/**
+ * The DMA space of a device attached to no IOMMU domain: every access faults. A device that was
+ * given no address space gets a port over it (it can be rebound later).
+ */
+export class UnattachedDmaSpace implements DmaSpace {
+  read(iova: bigint): void {
+    throw new DmaFault(iova, 'read', 'device is not attached to an IOMMU domain');
+  }
+
+  write(iova: bigint): void {
+    throw new DmaFault(iova, 'write', 'device is not attached to an IOMMU domain');
+  }
+}
+
+/**
+ * Runs one device DMA; a DmaFault (the IOMMU refused it) is returned for the device to report,
+ * anything else is thrown on.
+ */
+export function dmaFaultOf(dma: () => void): DmaFault | undefined {
+  try {
+    dma();
+    return undefined;
+  } catch (err) {
+    if (err instanceof DmaFault) return err;
+    throw err;
+  }
+}
+
 /** A flat DMA space: IOVA `base + i` is byte `i` of `bytes`; anything else faults. */
 export class MemoryDmaSpace implements DmaSpace {
   readonly bytes: Uint8Array;

@@ -207,3 +207,54 @@ test('close destroys explicit HWPTs and releases their pins', () => {
   assert.equal(p.mm.pinnedVm, 0);
   throwsErrno(() => ctx.hwptAlloc({ flags: 0, devId: dev, ptId: ioas }), 'EBADF');
 });
+
+test('a second device joining an existing automatic HWPT: its reserved ranges are enforced like on first attach', () => {
+  const { ctx, ioas, p } = setup();
+  const ioas2 = ctx.ioasAlloc().outIoasId;
+  const msi = { start: 0xfee00000n, last: 0xfeefffffn };
+  const first = ctx.bindDevice({ name: 'first' }).outDevid;
+  const second = ctx.bindDevice({ name: 'second', reservedIovaRanges: [msi] }).outDevid;
+  const ranges = (id: number) => ctx.ioasIovaRanges({ ioasId: id, numIovas: 4 }).allowedIovas!;
+  const auto = ctx.attachIoas({ devId: first, ptId: ioas }).ptId;
+  // An area in the window: EADDRINUSE, the second device stays unattached, nothing reserved.
+  const va = p.mmap({ lengthBytes: 1n * MiB });
+  ctx.ioasMap({ flags: FIXED | RW, ioasId: ioas, userVa: va, length: 4096n, iova: 0xfee10000n });
+  throwsErrno(() => ctx.attachIoas({ devId: second, ptId: ioas }), 'EADDRINUSE');
+  assert.equal(ctx.deviceHwpt(second), undefined);
+  assert.equal(ctx.deviceHwpt(first)!.devices.size, 1);
+  assert.equal(ranges(ioas).length, 1);
+  ctx.ioasUnmap({ ioasId: ioas, iova: 0xfee10000n, length: 4096n });
+  // An allowed range over the window: EADDRINUSE too.
+  ctx.ioasAllowIovas({ ioasId: ioas, allowedIovas: [{ start: 0xfe000000n, last: 0xfeffffffn }] });
+  throwsErrno(() => ctx.attachIoas({ devId: second, ptId: ioas }), 'EADDRINUSE');
+  assert.equal(ranges(ioas).length, 1);
+  ctx.ioasAllowIovas({ ioasId: ioas, allowedIovas: [] });
+  // No clash: it joins the same HWPT and its window is reserved (FIXED maps there are EINVAL).
+  assert.equal(ctx.attachIoas({ devId: second, ptId: ioas }).ptId, auto);
+  assert.deepEqual(ranges(ioas), [
+    { start: 0n, last: msi.start - 1n },
+    { start: msi.last + 1n, last: U64_MAX },
+  ]);
+  throwsErrno(
+    () => ctx.ioasMap({ flags: FIXED | RW, ioasId: ioas, userVa: va, length: 4096n, iova: msi.start }),
+    'EINVAL',
+  );
+  throwsErrno(
+    () => ctx.ioasAllowIovas({ ioasId: ioas, allowedIovas: [{ start: 0xfe000000n, last: 0xfeffffffn }] }),
+    'EADDRINUSE',
+  );
+  // Replace into another IOAS whose automatic HWPT already exists: checked there as well.
+  const third = ctx.bindDevice({ name: 'third' }).outDevid;
+  const auto2 = ctx.attachIoas({ devId: third, ptId: ioas2 }).ptId;
+  ctx.ioasMap({ flags: FIXED | RW, ioasId: ioas2, userVa: va, length: 4096n, iova: msi.start });
+  throwsErrno(() => ctx.attachIoas({ devId: second, ptId: ioas2 }), 'EADDRINUSE');
+  assert.equal(ctx.deviceHwpt(second)!.id, auto);
+  ctx.ioasUnmap({ ioasId: ioas2, iova: msi.start, length: 4096n });
+  assert.equal(ctx.attachIoas({ devId: second, ptId: ioas2 }).ptId, auto2);
+  assert.equal(ranges(ioas).length, 1, 'released in the IOAS it left');
+  assert.equal(ranges(ioas2).length, 2);
+  // Only its own ranges go when it leaves.
+  ctx.detach({ devId: second });
+  assert.equal(ranges(ioas2).length, 1);
+  assert.equal(ctx.deviceHwpt(third)!.id, auto2);
+});

@@ -87,3 +87,24 @@ test('DMA lands in the pages pinned at map time, whatever the process does to it
   old.read(0, seen);
   assert.equal(seen[0], 9, 'the pinned page got the write');
 });
+
+test('a DMA write that faults part-way moves no byte (read-only mapping or hole after a writable one)', () => {
+  const { c, p, group } = type1();
+  const va = p.mmap({ lengthBytes: 4n * PAGE });
+  c.mapDma({ flags: RW, vaddr: va, iova: 0x10000n, size: PAGE });
+  c.mapDma({ flags: READ, vaddr: va + PAGE, iova: 0x11000n, size: PAGE });
+  c.mapDma({ flags: RW, vaddr: va + 2n * PAGE, iova: 0x20000n, size: PAGE });
+  const space = c.openDevice(group, { name: 'vf0' }).dmaSpace();
+  const data = new Uint8Array(64).fill(0xee);
+  assert.throws(() => space.write(0x11000n - 32n, data), fault(0x11000n, 'write'));
+  assert.throws(() => space.write(0x21000n - 32n, data), fault(0x21000n, 'write'));
+  const mem = new Uint8Array(Number(4n * PAGE));
+  p.read(va, mem);
+  assert.ok(
+    mem.every((b) => b === 0),
+    'guest memory untouched',
+  );
+  space.write(0x10000n, data);
+  p.read(va, mem);
+  assert.equal(mem[63], 0xee);
+});
