@@ -51,7 +51,6 @@ async function iommufdMap(): Promise<BenchResult> {
       ...(last ? { target: '≤ 3', met: r.unmapSeconds <= 3 } : {}),
     });
     out.push({ metric: `${label}: map with automatic IOVA, s`, value: f2(r.autoMapSeconds) });
-    out.push({ metric: `${label}: map with automatic IOVA, s`, value: f2(r.autoMapSeconds) });
     out.push({
       metric: `${label}: bytes per area (heap + typed arrays)`,
       value: gcExposed ? r.heapPlusArrayBufferBytesPerArea.toFixed(0) : 'n/a (needs --expose-gc)',
@@ -68,7 +67,6 @@ async function iommufdMap(): Promise<BenchResult> {
     notes: [
       'Each area is pinned and charged at map time (a domain is attached), then all are unmapped one by one.',
       'Automatic IOVA: N areas mapped without FIXED_IOVA into a fresh IOAS; the allocator finds the lowest fitting hole through hole-size maxima kept in the IOVA tree (O(log n) per map; a linear hole walk took 53 s for 40 Ki areas).',
-      'Automatic IOVA: the same areas mapped again without FIXED_IOVA; the allocator finds the lowest fitting hole through hole-size maxima kept in the IOVA tree (O(log n) per map).',
     ],
   };
 }
