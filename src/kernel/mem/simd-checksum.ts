@@ -14,7 +14,7 @@
  *
  *   (import "m" "mem" (memory 1 65536 shared))
  *   (func (export "sum") (param $p i32) (param $n i32) (param $seed i32) (result i64)
- *     ;; $n is a multiple of 64; locals: $end i32, $a0..$a7 v128, $b v128, $r i64
+ *     ;; $n is a multiple of 64; locals: $end i32, $a0..$a7 v128, $b v128, $v v128, $r i64
  *     $a_j = i64x2.splat(u64($seed) + (j+1) * GOLDEN); $b = i64x2.splat(u64($seed))
  *     $end = $p + $n
  *     loop while $p < $end (unsigned):
@@ -98,14 +98,15 @@ const I64X2_EXTEND_LOW_U = 201;
 const I64X2_EXTEND_HIGH_U = 202;
 const I64X2_ADD = 206;
 
-// Locals: 0 $p, 1 $n, 2 $seed (params); 3 $end; 4..11 $a0..$a7; 12 $b; 13 $r (i64).
+// Locals: 0 $p, 1 $n, 2 $seed (params); 3 $end; 4..11 $a0..$a7; 12 $b; 13 $v; 14 $r (i64).
 const P = 0;
 const N = 1;
 const SEED = 2;
 const END_PTR = 3;
 const A = (k: number) => 4 + k;
 const B = 12;
-const R = 13;
+const V = 13;
+const R = 14;
 const GOLDEN = 0x9e3779b97f4a7c15n;
 const FMIX_1 = 0xff51afd7ed558ccdn;
 const FMIX_2 = 0xc4ceb9fe1a85ec53n;
@@ -121,14 +122,14 @@ function checksumModule(): Uint8Array {
   body.push(BLOCK, VOID, LOOP, VOID);
   body.push(LOCAL_GET, P, LOCAL_GET, END_PTR, I32_GE_U, BR_IF, 1);
   for (let k = 0; k < 4; k++) {
+    // $v = v128.load align=2^4 offset=16k; then each half of its u32 lanes, widened, into its A
+    body.push(LOCAL_GET, P, ...simd(V128_LOAD, 4, ...leb(16 * k)), LOCAL_SET, V);
     for (const [half, extend] of [
       [0, I64X2_EXTEND_LOW_U],
       [1, I64X2_EXTEND_HIGH_U],
     ] as const) {
       const a = A(2 * k + half);
-      // v128.load align=2^4 offset=16k, then widen half of its u32 lanes and add
-      body.push(LOCAL_GET, a, LOCAL_GET, P, ...simd(V128_LOAD, 4, ...leb(16 * k)), ...simd(extend));
-      body.push(...simd(I64X2_ADD), LOCAL_SET, a);
+      body.push(LOCAL_GET, a, LOCAL_GET, V, ...simd(extend), ...simd(I64X2_ADD), LOCAL_SET, a);
     }
   }
   // B += ((A0+A1)+(A2+A3)) + ((A4+A5)+(A6+A7)): a tree, not a chain of 8 dependent adds
@@ -156,7 +157,7 @@ function checksumModule(): Uint8Array {
   const I32 = 0x7f;
   const I64 = 0x7e;
   const V128 = 0x7b;
-  const func = [3, 1, I32, 9, V128, 1, I64, ...body]; // local decls: 1×i32, 9×v128, 1×i64
+  const func = [3, 1, I32, 10, V128, 1, I64, ...body]; // local decls: 1×i32, 10×v128, 1×i64
   return new Uint8Array([
     ...[0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00],
     ...section(1, [1, 0x60, 3, I32, I32, I32, 1, I64]), // type: (i32 i32 i32) -> i64
