@@ -67,6 +67,13 @@ export interface GuestRamSectionInfo {
   lengthBytes: bigint;
 }
 
+/** The limit a pin charge ran into. */
+export type PinLimit =
+  /** RLIMIT_MEMLOCK of the VMM process, against the counter the accounting mode charges. */
+  | { kind: 'RLIMIT_MEMLOCK'; bytes: bigint }
+  /** softvfio's pinned-memory cgroup controller: `pinned.max` of the VMM's cgroup or an ancestor. */
+  | { kind: 'pinned.max'; bytes: bigint; cgroup: string };
+
 /**
  * Guest RAM could not be pinned for device DMA: the pinned-page accounting refused it (ENOMEM).
  * At start the VM does not start; at run time (a plug) the VM stops. Names the accounting mode and
@@ -78,6 +85,8 @@ export class GuestRamPinError extends VfioError {
   readonly backend: IommuBackendKind;
   /** RLIMIT_MEMLOCK of the VMM process. */
   readonly memlockLimitBytes: bigint;
+  /** The limit that refused the charge. */
+  readonly limit: PinLimit;
   /** Pages already charged where the mode charges (uid or mm `locked_vm`) when the map failed. */
   readonly lockedPages: number;
 
@@ -88,26 +97,32 @@ export class GuestRamPinError extends VfioError {
       backend: IommuBackendKind;
       accountingMode: AccountingMode;
       memlockLimitBytes: bigint;
+      limit: PinLimit;
       lockedPages: number;
       whereCharged: string;
       when: 'start' | 'run time';
     },
     cause: VfioError,
   ) {
-    const { section, backend, accountingMode, memlockLimitBytes, lockedPages, whereCharged, when } = info;
+    const { section, backend, accountingMode, limit, lockedPages, whereCharged, when } = info;
+    const refused =
+      limit.kind === 'RLIMIT_MEMLOCK'
+        ? `${lockedPages} pages locked, against RLIMIT_MEMLOCK ${sizeText(limit.bytes)}. ` +
+          `Raise RLIMIT_MEMLOCK to cover the guest RAM devices may reach, or give the VMM CAP_IPC_LOCK`
+        : `the pinned.max of cgroup ${limit.cgroup} (${sizeText(limit.bytes)}) refused it. ` +
+          `Raise that cgroup's pinned.max to cover the guest RAM devices may reach`;
     super(
       'ERR_GUEST_RAM_PIN',
       `cannot pin guest RAM ${section.ramBlock} [0x${section.iova.toString(16)}, +${sizeText(section.lengthBytes)}) ` +
         `for device DMA (${backend}, ${cause.errno ?? cause.code}): accounting mode '${accountingMode}' charges ` +
-        `${whereCharged}, ${lockedPages} pages locked, against RLIMIT_MEMLOCK ${sizeText(memlockLimitBytes)}. ` +
-        `Raise RLIMIT_MEMLOCK to cover the guest RAM devices may reach, or give the VMM CAP_IPC_LOCK ` +
-        `(${cause.message})`,
+        `${whereCharged}; ${refused} (${cause.message})`,
       { target: vm, op: when === 'start' ? 'VM start' : 'memory plug', cause },
     );
     this.section = section;
     this.accountingMode = accountingMode;
     this.backend = backend;
-    this.memlockLimitBytes = memlockLimitBytes;
+    this.memlockLimitBytes = info.memlockLimitBytes;
+    this.limit = limit;
     this.lockedPages = lockedPages;
   }
 }

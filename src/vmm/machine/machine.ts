@@ -3,6 +3,7 @@ import { createAccelDevice } from '../../devices/accel-device.js';
 import { createBasicDevice } from '../../devices/basic-device.js';
 import { createNicDevice } from '../../devices/nic-device.js';
 import type { SampleDevice } from '../../devices/sample-device.js';
+import type { StateDriver } from '../../devices/state/state-driver.js';
 import type { Host, Process } from '../../kernel/host/host.js';
 import { DmaPort } from '../../kernel/vfio/dma-port.js';
 import { invalidArgument, VfioError } from '../../uapi/error.js';
@@ -42,7 +43,8 @@ export type MachineState = 'created' | 'starting' | 'running' | 'stopped' | 'fai
 export interface MachineDevice {
   readonly name: string;
   readonly type: MachineDeviceDefinition['type'];
-  readonly device: SampleDevice;
+  /** The sample device, with its state driver (registers, regions) for inspection. */
+  readonly device: SampleDevice & { driver: StateDriver };
   /** Its DMA space as the VMM counts it (bytes, faults); attached to the backend while started. */
   readonly dma: CountingDmaSpace;
   /** Its buffer in guest RAM (nic RX ring, accel job buffer); none for the basic device. */
@@ -53,6 +55,7 @@ export interface MachineDevice {
 export interface MachineDeviceStatus extends DeviceDmaCounters {
   name: string;
   type: MachineDeviceDefinition['type'];
+  /** The device's VFIO migration state ('RUNNING', …), 'closed' once the VM is destroyed. */
   migrationState: string;
 }
 
@@ -336,7 +339,8 @@ export class Machine {
     const devices: MachineDeviceStatus[] = this.#devices.map((d) => ({
       name: d.name,
       type: d.type,
-      migrationState: migStateName(d.device.vfio.getMigDeviceState()),
+      migrationState:
+        this.#state === 'destroyed' ? 'closed' : migStateName(d.device.vfio.getMigDeviceState()),
       ...d.dma.counters,
     }));
     const emulatedDevices = this.#emulated.map((e) => e.status());
@@ -401,7 +405,7 @@ export class Machine {
         vm: this.name,
         blocks: this.memfds,
         backend,
-        memlockLimitBytes: () => this.process.rlimitMemlockBytes,
+        process: this.process,
         maxMemslots: def.maxMemslots,
         onFatal: (err) => this.#fail(err),
       });
@@ -480,7 +484,7 @@ function buildDevice(def: MachineDeviceDefinition, buffer: GuestBufferPlacement 
     ...(def.seed === undefined ? {} : { seed: def.seed }),
     ...(def.migrationFlags === undefined ? {} : { migrationFlags: def.migrationFlags }),
   };
-  let device: SampleDevice;
+  let device: SampleDevice & { driver: StateDriver };
   switch (def.type) {
     case 'nic': {
       const ring = def.rxRing ?? DEFAULT_NIC_RING;

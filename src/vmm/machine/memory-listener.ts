@@ -1,7 +1,9 @@
+import type { Cgroup } from '../../kernel/host/cgroup.js';
+import type { Process } from '../../kernel/host/host.js';
 import { isErrno, VfioError } from '../../uapi/error.js';
 import type { RamSection, VmDmaBackend } from './dma-backend.js';
 import { checkDmaMappingLimit, DEFAULT_MAX_MEMSLOTS, estimateDmaMappings } from './dma-mapping-estimate.js';
-import { type DmaMappingEstimate, DmaMapError, GuestRamPinError } from './machine-errors.js';
+import { type DmaMappingEstimate, DmaMapError, GuestRamPinError, type PinLimit } from './machine-errors.js';
 import type { MemfdRamBlock } from './memfd-ram.js';
 import type { RamDiscardEvent } from './ram-discard.js';
 
@@ -11,8 +13,8 @@ export interface MemoryListenerOptions {
   /** Every RAM block of the VM, each a memfd of the VMM. */
   blocks: readonly MemfdRamBlock[];
   backend: VmDmaBackend;
-  /** RLIMIT_MEMLOCK of the VMM process now (for the pin error message). */
-  memlockLimitBytes: () => bigint;
+  /** The VMM process (its RLIMIT_MEMLOCK and cgroup name the limit a pin failure hit). */
+  process: Process;
   /** Memory slots to count in the mapping estimate; default 512 (QEMU without KVM). */
   maxMemslots?: number;
   /**
@@ -145,13 +147,15 @@ export class VfioMemoryListener {
         lengthBytes: BigInt(section.lengthBytes),
       };
       if (isErrno(err, 'ENOMEM')) {
+        const { process } = this.#o;
         throw new GuestRamPinError(
           this.#o.vm,
           {
             section: info,
             backend: backend.kind,
             accountingMode: backend.accountingMode,
-            memlockLimitBytes: this.#o.memlockLimitBytes(),
+            memlockLimitBytes: process.rlimitMemlockBytes,
+            limit: pinLimitHit(process, section.lengthBytes),
             lockedPages: backend.lockedPages(),
             whereCharged: backend.chargedTo,
             when,
@@ -191,4 +195,19 @@ export class VfioMemoryListener {
     }
     this.#mapped.delete(section.iova);
   }
+}
+
+/**
+ * Which limit a refused charge of `lengthBytes` ran into: the pinned.max of the VMM's cgroup or of
+ * an ancestor when one leaves no room for it, else RLIMIT_MEMLOCK (what the accounting mode checks).
+ */
+function pinLimitHit(process: Process, lengthBytes: number): PinLimit {
+  const pages = Math.ceil(lengthBytes / 4096);
+  for (let cg: Cgroup | undefined = process.cgroup; cg !== undefined; cg = cg.parent) {
+    const max = cg.pinnedLimitBytes;
+    if (max !== undefined && cg.pinnedPages + pages > Number(max >> 12n)) {
+      return { kind: 'pinned.max', bytes: max, cgroup: cg.path };
+    }
+  }
+  return { kind: 'RLIMIT_MEMLOCK', bytes: process.rlimitMemlockBytes };
 }
