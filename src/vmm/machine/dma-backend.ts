@@ -66,7 +66,10 @@ export interface VmDmaBackend {
   unmapRam(section: RamSection): void;
   /** The mappings the kernel holds, ascending IOVA. */
   mappings(): DmaMappingInfo[];
-  /** Pages charged now where the accounting mode charges (0 for 'none'). */
+  /**
+   * Pages charged now where the accounting mode charges: the uid's or the mm's locked_vm. With
+   * 'none', iommufd charges nothing; type1 still counts the mm's locked_vm, unlimited.
+   */
   lockedPages(): number;
   /** Close every fd: devices detach and unbind, mappings go, pins and charges are released. */
   close(): void;

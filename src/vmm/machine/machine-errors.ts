@@ -10,7 +10,8 @@ export type IommuBackendKind = 'iommufd' | 'type1';
  *   the mapping process;
  * - 'mm': the VMM process's `mm->locked_vm` against its RLIMIT_MEMLOCK (type1 always; iommufd with
  *   RLIMIT_MODE 1, set by a manager with CAP_SYS_RESOURCE);
- * - 'none': the VMM has CAP_IPC_LOCK: no RLIMIT_MEMLOCK check (cgroup limits still apply).
+ * - 'none': the VMM has CAP_IPC_LOCK: no RLIMIT_MEMLOCK check (iommufd charges no locked_vm,
+ *   type1 still counts the mm's; cgroup limits still apply).
  */
 export type AccountingMode = 'user' | 'mm' | 'none';
 

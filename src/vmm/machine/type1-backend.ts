@@ -53,8 +53,10 @@ export class Type1Backend implements VmDmaBackend {
     this.#vmm = vmm;
     this.container = container;
     this.accountingMode = mode;
+    // type1 always counts the mm's locked_vm; CAP_IPC_LOCK only lifts the RLIMIT_MEMLOCK check.
     this.chargedTo =
-      mode === 'mm' ? `the VMM process's (pid ${vmm.pid}) mm locked_vm` : 'nothing (CAP_IPC_LOCK)';
+      `the VMM process's (pid ${vmm.pid}) mm locked_vm` +
+      (mode === 'none' ? ' (not limited: CAP_IPC_LOCK)' : '');
     this.mappingLimit = type1DmaMaxMappings(container.iommuGetInfo());
     this.#emulatedGroups = emulatedGroups;
   }
@@ -171,7 +173,7 @@ export class Type1Backend implements VmDmaBackend {
   }
 
   lockedPages(): number {
-    return this.accountingMode === 'mm' ? this.#vmm.mm.lockedVm : 0;
+    return this.#vmm.mm.lockedVm;
   }
 
   close(): void {
