@@ -1,8 +1,8 @@
 import { PAGE_SIZE_N } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
+import type { ByteStore } from '../host/byte-store.js';
 import { Cgroup } from '../host/cgroup.js';
 import type { Process } from '../host/host.js';
-import type { ByteStore } from '../host/byte-store.js';
 import type { Mm } from '../host/mm.js';
 
 /**
