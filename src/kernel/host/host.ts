@@ -1,6 +1,6 @@
 import { kernelError, VfioError } from '../../uapi/error.js';
 import { Cgroup } from './cgroup.js';
-import { MemFile, type OpenFile } from './memfd.js';
+import { MemFile, type MemFileOptions, type OpenFile } from './memfd.js';
 import { Mm, type MmapArgs } from './mm.js';
 
 export type Capability = 'CAP_IPC_LOCK' | 'CAP_SYS_RESOURCE';
@@ -137,10 +137,13 @@ export class Process {
     this.#mm.write(va, data);
   }
 
-  /** memfd_create + ftruncate: a new lazily backed file open read-write; returns the fd. */
-  memfdCreate(sizeBytes: bigint | number, name?: string): number {
+  /**
+   * memfd_create + ftruncate: a new file open read-write; returns the fd. Lazily backed, or backed
+   * by `options.memory` (a PhysMemory of exactly that size: see MemFileOptions).
+   */
+  memfdCreate(sizeBytes: bigint | number, name?: string, options: MemFileOptions = {}): number {
     this.#live('memfd_create');
-    return this.installFd({ file: new MemFile(BigInt(sizeBytes), name), writable: true });
+    return this.installFd({ file: new MemFile(BigInt(sizeBytes), name, options), writable: true });
   }
 
   /** Installs an open file (received over SCM_RIGHTS, opened read-only, …) at the lowest free fd. */

@@ -1,3 +1,5 @@
+import type { ByteStore } from './byte-store.js';
+
 /** Chunk size of lazily backed memory: bytes appear only when first written. */
 export const LAZY_CHUNK_BYTES = 64 * 1024;
 
@@ -5,7 +7,7 @@ export const LAZY_CHUNK_BYTES = 64 * 1024;
  * A byte store of any length whose bytes are allocated on first write, chunk by chunk; untouched
  * bytes read as zero. A 4 GiB guest costs nothing until touched.
  */
-export class LazyBytes {
+export class LazyBytes implements ByteStore {
   readonly lengthBytes: number;
   #chunks = new Map<number, Uint8Array>();
 

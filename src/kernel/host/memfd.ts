@@ -1,19 +1,37 @@
+import type { PhysMemory } from '../mem/phys-memory.js';
 import { kernelError } from '../../uapi/error.js';
+import type { ByteStore } from './byte-store.js';
 import { LazyBytes } from './lazy-bytes.js';
+import { PhysMemoryStore } from './phys-memory-store.js';
 
-/** A memfd-like file: a fixed size, lazily backed byte store that several processes may share. */
+export interface MemFileOptions {
+  /**
+   * Back the file with this PhysMemory (its size must be the file's) instead of lazily allocated
+   * chunks: the file's bytes are then the PhysMemory's SharedArrayBuffers, which other threads may
+   * hold (guest RAM that vCPU workers write). softvfio extension, as a memory backend's memfd.
+   */
+  memory?: PhysMemory;
+}
+
+/** A memfd-like file: a fixed size byte store that several processes may share. */
 export class MemFile {
   readonly sizeBytes: bigint;
   readonly name: string;
-  readonly store: LazyBytes;
+  readonly store: ByteStore;
 
-  constructor(sizeBytes: bigint, name = 'memfd') {
+  constructor(sizeBytes: bigint, name = 'memfd', options: MemFileOptions = {}) {
     if (sizeBytes < 0n || sizeBytes > BigInt(Number.MAX_SAFE_INTEGER)) {
       throw kernelError('EINVAL', `bad memfd size ${sizeBytes}`, { op: 'memfd_create' });
     }
+    const { memory } = options;
+    if (memory !== undefined && BigInt(memory.sizeBytes) !== sizeBytes) {
+      throw kernelError('EINVAL', `memfd of ${sizeBytes} bytes over a memory of ${memory.sizeBytes}`, {
+        op: 'memfd_create',
+      });
+    }
     this.sizeBytes = sizeBytes;
     this.name = name;
-    this.store = new LazyBytes(Number(sizeBytes));
+    this.store = memory === undefined ? new LazyBytes(Number(sizeBytes)) : new PhysMemoryStore(memory);
   }
 
   #check(offset: bigint, length: number, op: string): number {

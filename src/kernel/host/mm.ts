@@ -1,4 +1,5 @@
 import { kernelError } from '../../uapi/error.js';
+import type { ByteStore } from './byte-store.js';
 import { LazyBytes } from './lazy-bytes.js';
 import type { MemFile } from './memfd.js';
 
@@ -6,18 +7,26 @@ export const PAGE_BYTES = 4096n;
 const MMAP_BASE = 0x7f00_0000_0000n;
 const TASK_SIZE = 1n << 47n;
 
-/**
- * One mapping: [start, start + lengthBytes) backed by `store` from byte 0: private anonymous
- * memory, or (`shared`) a memfd's store mapped from file offset 0.
- */
-export interface MmRegion {
+interface MmRegionBase {
   readonly start: bigint;
   readonly lengthBytes: bigint;
   readonly writable: boolean;
-  readonly store: LazyBytes;
-  /** MAP_SHARED of a file: fork shares the store instead of copying it. */
-  readonly shared?: boolean;
 }
+
+/** Private anonymous memory: its own lazily allocated bytes, copied by fork. */
+export interface MmPrivateRegion extends MmRegionBase {
+  readonly store: LazyBytes;
+  readonly shared?: false;
+}
+
+/** MAP_SHARED of a memfd from file offset 0: the file's store; fork shares it. */
+export interface MmSharedRegion extends MmRegionBase {
+  readonly store: ByteStore;
+  readonly shared: true;
+}
+
+/** One mapping: [start, start + lengthBytes) backed by `store` from byte 0. */
+export type MmRegion = MmPrivateRegion | MmSharedRegion;
 
 export interface MmapArgs {
   lengthBytes: bigint | number;
@@ -54,7 +63,7 @@ export class Mm {
     if (length === 0n || length > Number.MAX_SAFE_INTEGER) {
       throw kernelError('EINVAL', `bad mmap length ${args.lengthBytes}`, { op: 'mmap' });
     }
-    if (args.file && length > pageUp(BigInt(args.file.store.lengthBytes))) {
+    if (args.file && length > pageUp(args.file.sizeBytes)) {
       throw kernelError('EINVAL', 'shared mapping runs past the end of the file', { op: 'mmap' });
     }
     let start: bigint;
@@ -72,9 +81,10 @@ export class Mm {
       if (start + length > TASK_SIZE) throw kernelError('ENOMEM', 'address space full', { op: 'mmap' });
       this.#next = start + length + PAGE_BYTES; // a guard gap keeps regions from merging by accident
     }
+    const writable = args.writable ?? true;
     const region: MmRegion = args.file
-      ? { start, lengthBytes: length, writable: args.writable ?? true, store: args.file.store, shared: true }
-      : { start, lengthBytes: length, writable: args.writable ?? true, store: new LazyBytes(Number(length)) };
+      ? { start, lengthBytes: length, writable, store: args.file.store, shared: true }
+      : { start, lengthBytes: length, writable, store: new LazyBytes(Number(length)) };
     const at = this.#indexAfter(start);
     this.#regions.splice(at, 0, region);
     return start;

@@ -1,4 +1,4 @@
-import type { LazyBytes } from '../host/lazy-bytes.js';
+import type { ByteStore } from '../host/byte-store.js';
 import { MemFile } from '../host/memfd.js';
 import type { Mm, MmRegion } from '../host/mm.js';
 import { type DmaAccess, DmaFault, type DmaSpace } from '../vfio/dma-port.js';
@@ -11,7 +11,7 @@ const FAST_LIMIT = 2 ** 53;
 
 /** One resolved run of a DMA: `n` bytes at `at` of a store (process memory or memfd). */
 interface Piece {
-  store: LazyBytes;
+  store: ByteStore;
   at: number;
   done: number;
   n: number;

@@ -1,4 +1,4 @@
-import type { LazyBytes } from '../host/lazy-bytes.js';
+import type { ByteStore } from '../host/byte-store.js';
 import type { VfioContainer } from './container.js';
 import { IommuProt } from './container-api.js';
 import type { Type1Group } from './container-type1.js';
@@ -6,7 +6,7 @@ import { type DmaAccess, DmaFault, type DmaSpace } from './dma-port.js';
 
 /** `n` bytes of the DMA (from byte `done`) at byte `at` of a pinned store. */
 interface Run {
-  store: LazyBytes;
+  store: ByteStore;
   at: number;
   done: number;
   n: number;

@@ -1,8 +1,8 @@
 import { PAGE_SIZE_N } from '../../uapi/arch.js';
 import { kernelError } from '../../uapi/error.js';
+import type { ByteStore } from '../host/byte-store.js';
 import { Cgroup } from '../host/cgroup.js';
 import type { Process } from '../host/host.js';
-import type { LazyBytes } from '../host/lazy-bytes.js';
 import type { Mm } from '../host/mm.js';
 
 /**
@@ -14,7 +14,7 @@ import type { Mm } from '../host/mm.js';
 export interface BackingRun {
   offset: bigint;
   length: bigint;
-  store: LazyBytes;
+  store: ByteStore;
   storeOffset: number;
 }
 
@@ -24,10 +24,10 @@ export interface BackingRun {
  */
 export class PinnedPage {
   readonly iova: bigint;
-  readonly #store: LazyBytes;
+  readonly #store: ByteStore;
   readonly #storeOffset: number;
 
-  constructor(iova: bigint, store: LazyBytes, storeOffset: number) {
+  constructor(iova: bigint, store: ByteStore, storeOffset: number) {
     this.iova = iova;
     this.#store = store;
     this.#storeOffset = storeOffset;

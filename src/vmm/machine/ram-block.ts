@@ -25,13 +25,18 @@ export interface RamBlockOptions {
   gpa: bigint;
   /** Makes the block discardable (virtio-mem-like). */
   discard?: RamDiscardOptions;
+  /**
+   * The bytes of the block, when they exist already (a memory backend's memfd, RAM handed over
+   * by a live update): a PhysMemory of exactly `sizeBytes`. Default a new zeroed one.
+   */
+  memory?: PhysMemory;
 }
 
 const isPowerOfTwo = (n: number) => n > 0 && Number.isSafeInteger(n) && (n & (n - 1)) === 0 && n <= 2 ** 30;
 
 /** Check RAM block options; throws ERR_INVALID_ARGUMENT naming the bad field. */
 export function validateRamBlockOptions(options: RamBlockOptions): void {
-  const { name, sizeBytes, gpa, discard } = options;
+  const { name, sizeBytes, gpa, discard, memory } = options;
   if (typeof name !== 'string' || name.length === 0 || name.length > 255) {
     throw invalidArgument(`RAM block name must be 1-255 characters, got ${JSON.stringify(name)}`);
   }
@@ -47,6 +52,11 @@ export function validateRamBlockOptions(options: RamBlockOptions): void {
   }
   if (gpa + BigInt(sizeBytes) > GPA_LIMIT) {
     throw invalidArgument(`${what}: [${gpa}, +${sizeBytes}) ends beyond 2^64`);
+  }
+  if (memory !== undefined && (!(memory instanceof PhysMemory) || memory.sizeBytes !== sizeBytes)) {
+    throw invalidArgument(
+      `${what}: the memory given is not a PhysMemory of ${sizeBytes} bytes (${String(memory?.sizeBytes)})`,
+    );
   }
   if (discard !== undefined) {
     const { blockSizeBytes, plugged = 'none' } = discard;
@@ -72,7 +82,8 @@ export function validateRamBlockOptions(options: RamBlockOptions): void {
 /**
  * One block of guest RAM (QEMU's RAMBlock + its memory region): bytes in a PhysMemory whose
  * SharedArrayBuffers vCPU workers write, a dirty log, and for a discardable block its plug state.
- * Created by GuestRam.addBlock.
+ * Created by GuestRam.addBlock, over a new PhysMemory or one given (the memory behind a memfd the
+ * VMM maps shared, so device DMA through the IOMMU reaches the same bytes: see memfd-ram.ts).
  */
 export class RamBlock {
   readonly name: string;
@@ -93,7 +104,7 @@ export class RamBlock {
     this.sizeBytes = options.sizeBytes;
     this.gpa = options.gpa;
     this.pages = options.sizeBytes / GUEST_PAGE_BYTES;
-    this.memory = new PhysMemory(options.sizeBytes);
+    this.memory = options.memory ?? new PhysMemory(options.sizeBytes);
     this.dirtyLog = new DirtyLog(this.pages);
     this.discard =
       options.discard === undefined

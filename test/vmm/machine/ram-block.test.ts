@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { SEGMENT_BYTES } from '../../../src/kernel/mem/phys-memory.js';
+import { PhysMemory, SEGMENT_BYTES } from '../../../src/kernel/mem/phys-memory.js';
 import { GuestRam } from '../../../src/vmm/machine/guest-ram.js';
 import { MAX_RAM_BLOCK_BYTES, type RamBlockOptions } from '../../../src/vmm/machine/ram-block.js';
 
@@ -33,6 +33,8 @@ describe('RAM block validation', () => {
       'gpa not block aligned',
       { name: 'r', sizeBytes: MiB, gpa: 64n * 1024n, discard: { blockSizeBytes: MiB } },
     ],
+    ['memory of another size', { name: 'r', sizeBytes: MiB, gpa: 0n, memory: new PhysMemory(2 * MiB) }],
+    ['memory that is not a PhysMemory', { name: 'r', sizeBytes: 4096, gpa: 0n, memory: {} as PhysMemory }],
     [
       'bad plugged state',
       { name: 'r', sizeBytes: MiB, gpa: 0n, discard: { blockSizeBytes: MiB, plugged: 'some' as 'all' } },
@@ -68,6 +70,27 @@ describe('RAM block validation', () => {
 });
 
 describe('guest RAM access', () => {
+  test('a block over an existing PhysMemory reads and writes those bytes; a discard zeroes them', () => {
+    const memory = new PhysMemory(MiB);
+    memory.write(4096, Uint8Array.of(5, 6));
+    const ram = new GuestRam();
+    const block = ram.addBlock({
+      name: 'mem',
+      sizeBytes: MiB,
+      gpa: 0n,
+      memory,
+      discard: { blockSizeBytes: 256 * KiB, plugged: 'all' },
+    });
+    assert.equal(block.memory, memory);
+    const out = new Uint8Array(2);
+    ram.read(4096n, out);
+    assert.deepEqual(out, Uint8Array.of(5, 6));
+    block.write(8192, Uint8Array.of(7));
+    assert.equal(memory.view(8192, 1)[0], 7);
+    block.discard!.unplug(0);
+    assert.ok(memory.view(0, 256 * KiB).every((b) => b === 0));
+  });
+
   test('read and write by guest-physical address, inside one block', () => {
     const ram = new GuestRam();
     const low = ram.addBlock({ name: 'low', sizeBytes: MiB, gpa: 0n });
