@@ -240,3 +240,25 @@ describe('VM definition JSON', () => {
     assert.deepEqual(paths.sort(), ['$.devices', '$.ram[0].sizeBytes', '$.vcpus.count']);
   });
 });
+
+describe('docs/VM-DEFINITION.md', () => {
+  const doc = readFileSync(new URL('../../../../docs/VM-DEFINITION.md', import.meta.url), 'utf8');
+  const blocks = [...doc.matchAll(/```json\n([\s\S]*?)```/g)].map((m) => JSON.parse(m[1]!) as unknown);
+
+  test('every JSON example is a valid definition; the first is examples/vm-1g.json', () => {
+    assert.equal(blocks.length, 2);
+    for (const block of blocks) parseVmDefinition(block);
+    assert.deepEqual(blocks[0], JSON.parse(readFileSync(EXAMPLE, 'utf8')));
+  });
+
+  test('the schema violations it shows are the ones reported', () => {
+    const found = issues({
+      name: 'bad',
+      iommu: 'iommufd',
+      ram: [{ name: 'pc.ram', sizeBytes: '1 GB' }],
+      vcpus: { count: 0 },
+    });
+    for (const [path, message] of found)
+      assert.ok(doc.includes(`${path}: ${message}`), `${path}: ${message}`);
+  });
+});
