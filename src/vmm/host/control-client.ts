@@ -260,52 +260,66 @@ export class ControlClient {
         ? { socketPath: this.address.path }
         : { host: this.address.host, port: this.address.port };
     return new Promise((resolve, reject) => {
+      let settled = false;
+      let answered = false;
+      const settle = (outcome: { status: number; json: unknown } | Error) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (outcome instanceof Error) {
+          req.destroy();
+          reject(outcome);
+        } else resolve(outcome);
+      };
       const headers: Record<string, string | number> = { Accept: 'application/json' };
       if (payload !== undefined) {
         headers['Content-Type'] = 'application/json';
         headers['Content-Length'] = payload.length;
       }
       const req = request({ ...target, method, path, headers, agent: false, signal }, (res) => {
+        answered = true;
         const status = res.statusCode ?? 0;
         const announced = Number(res.headers['content-length'] ?? 0);
         if (announced > MAX_RESPONSE_BODY_BYTES) {
-          res.destroy();
-          reject(this.#badResponse(`a ${announced}-byte answer`));
+          settle(this.#badResponse(`a ${announced}-byte answer`));
           return;
         }
         const chunks: Buffer[] = [];
         let bytes = 0;
         res.on('data', (chunk: Buffer) => {
           bytes += chunk.length;
-          if (bytes > MAX_RESPONSE_BODY_BYTES) {
-            res.destroy();
-            reject(this.#badResponse(`more than ${MAX_RESPONSE_BODY_BYTES} bytes`));
+          if (bytes > MAX_RESPONSE_BODY_BYTES)
+            settle(this.#badResponse(`more than ${MAX_RESPONSE_BODY_BYTES} bytes`));
+          else chunks.push(chunk);
+        });
+        res.on('error', (err) => settle(this.#badResponse(`a broken answer (${err.message})`)));
+        res.on('end', () => {
+          let json: unknown;
+          try {
+            json = JSON.parse(Buffer.concat(chunks, bytes).toString('utf8'));
+          } catch {
+            settle(this.#badResponse(`a ${status} answer that is not JSON`));
             return;
           }
-          chunks.push(chunk);
-        });
-        res.on('error', (err) => reject(hostError(HostErrorCode.BAD_RESPONSE, `${where}: ${err.message}`)));
-        res.on('end', () => {
-          clearTimeout(timer);
-          try {
-            resolve({ status, json: JSON.parse(Buffer.concat(chunks, bytes).toString('utf8')) });
-          } catch {
-            reject(this.#badResponse(`a ${status} answer that is not JSON`));
-          }
+          settle({ status, json });
         });
       });
-      const timer = setTimeout(() => {
-        req.destroy(
-          new VfioError('ERR_TIMEOUT', `${method} ${path}: no answer from ${where} in ${this.#timeoutMs} ms`),
-        );
-      }, this.#timeoutMs);
+      const timer = setTimeout(
+        () =>
+          settle(
+            hostError(
+              HostErrorCode.TIMEOUT,
+              `${method} ${path}: no answer from ${where} in ${this.#timeoutMs} ms`,
+            ),
+          ),
+        this.#timeoutMs,
+      );
       req.on('error', (err: NodeJS.ErrnoException) => {
-        clearTimeout(timer);
-        if (err instanceof VfioError) reject(err);
-        else if (err.name === 'AbortError') reject(signal?.reason ?? err);
+        if (err.name === 'AbortError') settle(signal?.reason instanceof Error ? signal.reason : err);
+        else if (answered) settle(this.#badResponse(`a broken answer (${err.message})`));
         else if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
-          reject(hostError(HostErrorCode.NO_HOST, `no host is listening on ${where}`));
-        } else reject(hostError(HostErrorCode.NO_HOST, `cannot reach the host on ${where}: ${err.message}`));
+          settle(hostError(HostErrorCode.NO_HOST, `no host is listening on ${where}`));
+        } else settle(hostError(HostErrorCode.NO_HOST, `cannot reach the host on ${where}: ${err.message}`));
       });
       req.end(payload);
     });

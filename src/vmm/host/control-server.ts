@@ -1,6 +1,7 @@
-import { lstat, unlink } from 'node:fs/promises';
+import { chmod, lstat, unlink } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { isMainThread } from 'node:worker_threads';
 import { z } from 'zod';
 import { VfioError } from '../../uapi/error.js';
 import { errorBody, httpStatusOf, MAX_REQUEST_BODY_BYTES, toJson } from './control-protocol.js';
@@ -126,7 +127,7 @@ export class ControlServer {
         this.#server.on('error', (err) => this.#logger.error(`control server: ${err.message}`));
         resolve();
       });
-      if (address.kind === 'unix') {
+      if (address.kind === 'unix' && isMainThread) {
         // The socket is born 0600: the API has no authentication, the file mode is the access check.
         const umask = process.umask(0o177);
         try {
@@ -134,12 +135,15 @@ export class ControlServer {
         } finally {
           process.umask(umask);
         }
+      } else if (address.kind === 'unix') {
+        this.#server.listen(address.path); // workers cannot set the umask: chmod below
       } else {
         this.#server.listen(address.port, address.host);
       }
     });
     if (address.kind === 'unix') {
       this.#address = address;
+      await chmod(address.path, 0o600);
       this.#socketIno = (await lstat(address.path)).ino;
     } else {
       const port = (this.#server.address() as AddressInfo).port;

@@ -34,6 +34,8 @@ export const HostErrorCode = {
   NO_HOST: 'ERR_NO_HOST',
   /** The host's answer was not what the control API promises. */
   BAD_RESPONSE: 'ERR_BAD_RESPONSE',
+  /** The host did not answer in time. */
+  TIMEOUT: 'ERR_TIMEOUT',
 } as const;
 
 export type HostErrorCode = (typeof HostErrorCode)[keyof typeof HostErrorCode];

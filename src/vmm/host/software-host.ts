@@ -201,7 +201,12 @@ export class SoftwareHost {
 
   /** Tear the VM down and forget it; its name is free again. */
   destroy(name: string): Promise<void> {
-    const entry = this.#entry(name);
+    let entry: Entry;
+    try {
+      entry = this.#entry(name);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     entry.destroying = true;
     const run = entry.queue.then(() => this.#destroy(name, entry));
     entry.queue = run.catch(() => undefined);
