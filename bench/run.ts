@@ -5,6 +5,7 @@ import { benchIommufdTranslate } from './iommufd-translate.js';
 import { type BenchResult, machineLine, toMarkdown } from './report.js';
 import { benchTransitions } from './transitions.js';
 import { benchVmmDirty, vmmDirtyResult } from './vmm-dirty.js';
+import { benchVmmDma } from './vmm-dma.js';
 
 const f2 = (n: number) => n.toFixed(2);
 
@@ -78,6 +79,7 @@ const benchmarks: (() => Promise<BenchResult>)[] = [
   iommufdMap,
   benchIommufdTranslate,
   async () => vmmDirtyResult(await benchVmmDirty()),
+  benchVmmDma,
 ];
 
 console.log(`softvfio benchmarks on ${machineLine()}`);

@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
-import { ConformExit, conformCommand } from './conform-command.js';
+import { ConformExit, type CommandIo, conformCommand } from './conform-command.js';
+import { processSignals, registerHostCommand } from './host-command.js';
+import { registerVmCommands } from './vm-command.js';
 
 /** `softvfio`: a thin shell; each command is a library call plus output. */
 
@@ -13,6 +15,14 @@ function nonNegativeInt(value: string): number {
 
 async function main(argv: readonly string[]): Promise<number> {
   let exitCode: number = ConformExit.OK;
+  const io: CommandIo = {
+    out: (text) => process.stdout.write(`${text}\n`),
+    err: (text) => process.stderr.write(`${text}\n`),
+    cwd: process.cwd(),
+  };
+  const setExit = (code: number) => {
+    exitCode = code;
+  };
   const program = new Command('softvfio')
     .description(
       'A software implementation of the Linux VFIO stack and of live migration with assigned devices',
@@ -28,12 +38,10 @@ async function main(argv: readonly string[]): Promise<number> {
     .option('--seed <n>', 'seed for device instances and random sequences', nonNegativeInt)
     .option('--module <path>', 'check the device factories an ES module exports instead of the registry')
     .action(async (options) => {
-      exitCode = await conformCommand(options, {
-        out: (text) => process.stdout.write(`${text}\n`),
-        err: (text) => process.stderr.write(`${text}\n`),
-        cwd: process.cwd(),
-      });
+      exitCode = await conformCommand(options, io);
     });
+  registerHostCommand(program, { ...io, onSignals: processSignals }, setExit);
+  registerVmCommands(program, io, setExit);
   try {
     await program.parseAsync(argv, { from: 'user' });
   } catch (error) {
