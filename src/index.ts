@@ -9,4 +9,5 @@ export * from './kernel/iommufd/index.js';
 export * from './kernel/mem/index.js';
 export * from './kernel/vfio/index.js';
 export * from './uapi/index.js';
+export * from './vmm/host/index.js';
 export * from './vmm/machine/index.js';
