@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ACCEL_CTX, createAccelDevice } from '../../src/devices/accel-device.js';
-import { createNicDevice, NIC_REG, type NicRxRing } from '../../src/devices/nic-device.js';
+import { createNicDevice, NIC_REG, type NicRing } from '../../src/devices/nic-device.js';
 import { Host, type Process } from '../../src/kernel/host/index.js';
 import { IoasDmaSpace, IommufdContext } from '../../src/kernel/iommufd/index.js';
 import { VfioContainer, VfioGroup } from '../../src/kernel/vfio/container.js';
@@ -22,7 +22,7 @@ const RW_BYTES = 2n * MiB;
 const RO_IOVA = 0x8000_0000n;
 const RO_OFFSET = 3n * MiB;
 const RO_BYTES = 1n * MiB;
-const RING: NicRxRing = { iova: RW_IOVA + 0x10000n, entries: 16, bufferBytes: 2048 };
+const RING: NicRing = { iova: RW_IOVA + 0x10000n, entries: 16, bufferBytes: 2048 };
 
 interface Vm {
   p: Process;
@@ -132,7 +132,7 @@ test('one device DMA write marks the HWPT dirty bitmap and the device DMA log al
 test('nic DMA faults (read-only mapping, unmapped ring) are counted by the device, never thrown, never written', () => {
   const v = vm();
   v.ctx.hwptSetDirtyTracking({ flags: 1, hwptId: v.hwpt });
-  const roRing: NicRxRing = { ...RING, iova: RO_IOVA + 0x1000n };
+  const roRing: NicRing = { ...RING, iova: RO_IOVA + 0x1000n };
   const nic = createNicDevice({
     flowTableBytes: 1 << 16,
     rxRing: roRing,

@@ -193,8 +193,9 @@ export function resolveMachineDefinition(def: MachineDefinition): ResolvedMachin
   };
   for (const d of devices) {
     if (d.type === 'nic') {
+      // the RX ring, then a TX ring of the same geometry
       const ring = d.rxRing ?? DEFAULT_NIC_RING;
-      place(d.name, ring.entries * ring.bufferBytes);
+      place(d.name, 2 * ring.entries * ring.bufferBytes);
     } else if (d.type === 'accel') place(d.name, d.guestBufferBytes ?? DEFAULT_ACCEL_GUEST_BUFFER_BYTES);
   }
   for (const e of emulatedDevices) place(e.name, (e.pages ?? 4) * GUEST_PAGE_BYTES);

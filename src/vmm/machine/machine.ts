@@ -12,6 +12,7 @@ import { CountingDmaSpace, type DeviceDmaCounters } from './counting-dma-space.j
 import type { VmDmaBackend } from './dma-backend.js';
 import { GuestDriverLoop, type GuestDriverTarget } from './guest-driver-loop.js';
 import { GuestRam } from './guest-ram.js';
+import { NicGuestTxDriver } from './nic-guest-driver.js';
 import { IommufdBackend } from './iommufd-backend.js';
 import {
   type GuestBufferPlacement,
@@ -47,9 +48,11 @@ export interface MachineDevice {
   readonly device: SampleDevice & { driver: StateDriver };
   /** Its DMA space as the VMM counts it (bytes, faults); attached to the backend while started. */
   readonly dma: CountingDmaSpace;
-  /** Its buffer in guest RAM (nic RX ring, accel job buffer); none for the basic device. */
+  /** Its buffer in guest RAM (nic RX and TX rings, accel job buffer); none for the basic device. */
   readonly buffer: GuestBufferPlacement | undefined;
   readonly workUnitsPerTick: number;
+  /** The guest's TX driver of a nic: posts packets to its TX ring every tick. */
+  readonly guestTx: NicGuestTxDriver | undefined;
 }
 
 export interface MachineDeviceStatus extends DeviceDmaCounters {
@@ -137,7 +140,7 @@ export class Machine {
     this.process = process;
     this.ram = ram;
     this.memfds = memfds;
-    this.#devices = definition.devices.map((d) => buildDevice(d, definition.buffers.get(d.name)));
+    this.#devices = definition.devices.map((d) => buildDevice(d, definition.buffers.get(d.name), ram));
     this.#emulated = definition.emulatedDevices.map(
       (e) =>
         new MediatedDevice({
@@ -148,7 +151,13 @@ export class Machine {
         }),
     );
     const targets: GuestDriverTarget[] = [
-      ...this.#devices.map((d) => ({ name: d.name, tick: () => d.device.work(d.workUnitsPerTick) })),
+      ...this.#devices.map((d) => ({
+        name: d.name,
+        tick: () => {
+          d.guestTx?.tick();
+          d.device.work(d.workUnitsPerTick);
+        },
+      })),
       ...this.#emulated.map((e) => ({ name: e.name, tick: () => e.tick() })),
     ];
     this.#loop = new GuestDriverLoop(targets, {
@@ -476,7 +485,11 @@ export class Machine {
   }
 }
 
-function buildDevice(def: MachineDeviceDefinition, buffer: GuestBufferPlacement | undefined): MachineDevice {
+function buildDevice(
+  def: MachineDeviceDefinition,
+  buffer: GuestBufferPlacement | undefined,
+  ram: GuestRam,
+): MachineDevice {
   const dma = new CountingDmaSpace();
   const common = {
     name: def.name,
@@ -485,14 +498,22 @@ function buildDevice(def: MachineDeviceDefinition, buffer: GuestBufferPlacement 
     ...(def.migrationFlags === undefined ? {} : { migrationFlags: def.migrationFlags }),
   };
   let device: SampleDevice & { driver: StateDriver };
+  let guestTx: NicGuestTxDriver | undefined;
   switch (def.type) {
     case 'nic': {
       const ring = def.rxRing ?? DEFAULT_NIC_RING;
+      const txRing = {
+        iova: buffer!.gpa + BigInt(ring.entries * ring.bufferBytes),
+        entries: ring.entries,
+        bufferBytes: ring.bufferBytes,
+      };
       device = createNicDevice({
         ...common,
         ...(def.flowTableBytes === undefined ? {} : { flowTableBytes: def.flowTableBytes }),
         rxRing: { iova: buffer!.gpa, entries: ring.entries, bufferBytes: ring.bufferBytes },
+        txRing,
       });
+      guestTx = new NicGuestTxDriver(ram, txRing, def.seed === undefined ? {} : { seed: def.seed });
       break;
     }
     case 'accel':
@@ -509,5 +530,13 @@ function buildDevice(def: MachineDeviceDefinition, buffer: GuestBufferPlacement 
       });
       break;
   }
-  return { name: def.name, type: def.type, device, dma, buffer, workUnitsPerTick: def.workUnitsPerTick ?? 1 };
+  return {
+    name: def.name,
+    type: def.type,
+    device,
+    dma,
+    buffer,
+    workUnitsPerTick: def.workUnitsPerTick ?? 1,
+    guestTx,
+  };
 }

@@ -51,7 +51,8 @@ test('device buffers are placed at the start of boot RAM; default vCPU working s
     ],
     emulatedDevices: [{ name: 'm', pages: 3 }],
   });
-  const ring = DEFAULT_NIC_RING.entries * DEFAULT_NIC_RING.bufferBytes;
+  // the nic has an RX and a TX ring of the same geometry
+  const ring = 2 * DEFAULT_NIC_RING.entries * DEFAULT_NIC_RING.bufferBytes;
   assert.deepEqual(
     [...r.buffers.values()],
     [

@@ -118,8 +118,19 @@ for (const iommu of ['iommufd', 'type1'] as const) {
       const nic = vm.device('nic0');
       const regs = nic.device.driver.image.region('registers');
       const packets = Number(regs.u64(NIC_REG.RX_PACKETS));
+      const sent = Number(regs.u64(NIC_REG.TX_PACKETS));
       assert.ok(packets > 0);
-      assert.equal(status.devices[0]!.bytesWritten, Number(regs.u64(NIC_REG.RX_BYTES)) + 4 * packets);
+      // RX: length word + packet per received packet; TX: a zero length word per buffer given back
+      assert.equal(
+        status.devices[0]!.bytesWritten,
+        Number(regs.u64(NIC_REG.RX_BYTES)) + 4 * packets + 4 * sent,
+      );
+      // TX: the guest driver posted packets in guest RAM, the nic read them by DMA and sent them
+      assert.ok(sent > 0, 'the nic sent packets the guest posted');
+      assert.equal(regs.u64(NIC_REG.TX_ERRORS), 0n);
+      const inFlight = nic.guestTx!.posted - sent;
+      assert.ok(inFlight >= 0 && inFlight <= 256, `posted ${nic.guestTx!.posted}, sent ${sent}`);
+      assert.ok(status.devices[0]!.bytesRead >= Number(regs.u64(NIC_REG.TX_BYTES)) + 4 * sent);
       const ring = nic.buffer!;
       const head = new Uint8Array(4);
       vm.ram.read(ring.gpa, head);
