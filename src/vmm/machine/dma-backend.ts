@@ -37,6 +37,49 @@ export interface GuestPagePinner {
   close(): void;
 }
 
+/** What one backend does to pin guest pages for an emulated device, and to give them back. */
+export interface PagePinOps {
+  pin(
+    iova: bigint,
+    lengthBytes: number,
+  ): {
+    read(offset: number, target: Uint8Array): void;
+    write(offset: number, data: Uint8Array): void;
+    unpin(): void;
+  };
+  /** After every pin is gone: close the access / the device. */
+  close(): void;
+}
+
+/** A GuestPagePinner over a backend's pin operations: pins are tracked, unpinned once, all on close. */
+export function trackedPinner(ops: PagePinOps): GuestPagePinner {
+  const pins = new Set<PinnedGuestPages>();
+  return {
+    pin: (iova, lengthBytes) => {
+      const pages = ops.pin(iova, lengthBytes);
+      let live = true;
+      const pin: PinnedGuestPages = {
+        iova,
+        lengthBytes,
+        read: (offset, target) => pages.read(offset, target),
+        write: (offset, data) => pages.write(offset, data),
+        unpin: () => {
+          if (!live) return;
+          live = false;
+          pins.delete(pin);
+          pages.unpin();
+        },
+      };
+      pins.add(pin);
+      return pin;
+    },
+    close: () => {
+      for (const pin of [...pins]) pin.unpin();
+      ops.close();
+    },
+  };
+}
+
 /** An assigned (VFIO) device to bind and attach when the backend opens. */
 export interface AssignedDeviceSpec {
   name: string;

@@ -11,13 +11,13 @@ import {
   IommuOption,
   IommuOptionOp,
 } from '../../uapi/iommufd.js';
-import type {
-  AssignedDeviceSpec,
-  DmaMappingInfo,
-  GuestPagePinner,
-  PinnedGuestPages,
-  RamSection,
-  VmDmaBackend,
+import {
+  type AssignedDeviceSpec,
+  type DmaMappingInfo,
+  type GuestPagePinner,
+  type RamSection,
+  trackedPinner,
+  type VmDmaBackend,
 } from './dma-backend.js';
 import type { AccountingMode } from './machine-errors.js';
 
@@ -130,32 +130,20 @@ export class IommufdBackend implements VmDmaBackend {
   openEmulatedDevice(_name: string, onUnmap: (iova: bigint, lengthBytes: bigint) => void): GuestPagePinner {
     const access = this.ctx.accessCreate(this.ioasId, { unmap: onUnmap });
     this.#accesses.add(access);
-    const pins = new Set<PinnedGuestPages>();
-    return {
+    return trackedPinner({
       pin: (iova, lengthBytes) => {
         const length = BigInt(lengthBytes);
         const pages = access.accessPin(iova, length, { write: true });
-        let live = true;
-        const pin: PinnedGuestPages = {
-          iova,
-          lengthBytes,
+        return {
           read: (offset, target) => pages.read(offset, target),
           write: (offset, data) => pages.write(offset, data),
-          unpin: () => {
-            if (!live) return;
-            live = false;
-            pins.delete(pin);
-            access.accessUnpin(iova, length);
-          },
+          unpin: () => access.accessUnpin(iova, length),
         };
-        pins.add(pin);
-        return pin;
       },
       close: () => {
-        for (const pin of [...pins]) pin.unpin();
         if (this.#accesses.delete(access)) access.accessDestroy();
       },
-    };
+    });
   }
 
   mapRam(section: RamSection): void {

@@ -6,13 +6,13 @@ import type { DmaSpace } from '../../kernel/vfio/dma-port.js';
 import { PAGE_SIZE } from '../../uapi/arch.js';
 import { internalError, invalidArgument } from '../../uapi/error.js';
 import { VFIO_PIN_PAGES_MAX_ENTRIES, VfioDmaMapFlag, VfioExtension } from '../../uapi/vfio-type1.js';
-import type {
-  AssignedDeviceSpec,
-  DmaMappingInfo,
-  GuestPagePinner,
-  PinnedGuestPages,
-  RamSection,
-  VmDmaBackend,
+import {
+  type AssignedDeviceSpec,
+  type DmaMappingInfo,
+  type GuestPagePinner,
+  type RamSection,
+  trackedPinner,
+  type VmDmaBackend,
 } from './dma-backend.js';
 import { type1DmaMaxMappings } from './dma-mapping-estimate.js';
 import type { AccountingMode } from './machine-errors.js';
@@ -115,31 +115,19 @@ export class Type1Backend implements VmDmaBackend {
     if (group === undefined) throw invalidArgument(`no emulated device ${name} in this container`);
     const dev = this.container.openDevice(group, { name, dmaUnmap: onUnmap });
     this.#emulated.add(dev);
-    const pins = new Set<PinnedGuestPages>();
-    return {
+    return trackedPinner({
       pin: (iova, lengthBytes) => {
         const pages = pinRange(dev, iova, lengthBytes);
-        let live = true;
-        const pin: PinnedGuestPages = {
-          iova,
-          lengthBytes,
+        return {
           read: (offset, target) => pagesCopy(pages, offset, target, false),
           write: (offset, data) => pagesCopy(pages, offset, data, true),
-          unpin: () => {
-            if (!live) return;
-            live = false;
-            pins.delete(pin);
-            unpinRange(dev, iova, pages.length);
-          },
+          unpin: () => unpinRange(dev, iova, pages.length),
         };
-        pins.add(pin);
-        return pin;
       },
       close: () => {
-        for (const pin of [...pins]) pin.unpin();
         if (this.#emulated.delete(dev)) dev.close();
       },
-    };
+    });
   }
 
   mapRam(section: RamSection): void {
