@@ -11,7 +11,8 @@
  *    back, so a busy worker never makes the main thread wait for work it could do itself;
  *  - while the worker runs it, the caller runs other queued jobs itself (newest first, the worker
  *    takes the oldest), and only waits (Atomics.wait) when there are none: both threads share the
- *    load instead of one idling.
+ *    load instead of one idling. A wait lasts GRACE_MS at most: a worker that slow has lost its
+ *    CPU, and the caller computes the value itself.
  * Whatever goes wrong with the worker (it cannot start, it fails a job, it stops answering), the
  * value is computed inline: a PendingChecksum always yields the exact checksum.
  *
@@ -43,7 +44,13 @@ import { MemoryChecksummer } from './simd-checksum.js';
 
 /** Smallest range worth a job: below it, queueing costs more than the checksum. */
 export const CHECKSUM_OFFLOAD_MIN_BYTES = 64 * 1024;
-/** How long a job may run on the worker before the worker is declared stuck (then: inline). */
+/**
+ * How long a caller waits for a job the worker is running before computing it too: a job of 1 MiB
+ * takes ~0.15 ms, so only a worker that lost its CPU (a loaded machine) takes this long, and the
+ * caller should not wait for the scheduler to give it back.
+ */
+const GRACE_MS = 1;
+/** How long a job may run on the worker before the worker is declared stuck (no more jobs). */
 const STUCK_MS = 10_000;
 
 /** The error code of checksum worker failures (VfioError.code). */
@@ -79,8 +86,8 @@ class Engine {
   readonly #views: SharedViews;
   readonly #worker: Worker;
   readonly #free: number[] = [];
-  /** Slots whose result nobody wants but that the worker is running: freed when it is done. */
-  readonly #orphans = new Set<number>();
+  /** Slots whose result nobody wants but that the worker is running (since when): freed when done. */
+  readonly #orphans = new Map<number, number>();
   readonly #memories = new Map<WebAssembly.Memory, { id: number; refs: number }>();
   /** The same memories, by id, for jobs this thread runs itself. */
   readonly #local = new Map<number, MemoryChecksummer>();
@@ -176,18 +183,17 @@ class Engine {
     let s = Atomics.load(states, slot);
     if (s === RUNNING) {
       this.stats.waits++;
-      let waited = 0;
+      const deadline = performance.now() + GRACE_MS;
       while ((s = Atomics.load(states, slot)) === RUNNING) {
         if (this.#helpOne()) continue;
-        if (this.failure || waited >= STUCK_MS) {
-          // the worker died or hangs with the job: leave the slot to it, compute here
-          this.fail(workerError(`checksum worker did not finish a job in ${STUCK_MS} ms`));
+        const left = deadline - performance.now();
+        if (this.failure || left <= 0) {
+          // the worker is slow (descheduled) or gone: compute here, leave the slot to the worker
+          this.#orphans.set(slot, performance.now());
           this.stats.inline++;
           return inline();
         }
-        const start = performance.now();
-        Atomics.wait(states, slot, RUNNING, Math.min(10, STUCK_MS - waited));
-        waited += performance.now() - start;
+        Atomics.wait(states, slot, RUNNING, left);
       }
     }
     const value = Atomics.load(results, slot);
@@ -239,7 +245,7 @@ class Engine {
       return;
     }
     if (Atomics.load(states, slot) === RUNNING) {
-      this.#orphans.add(slot);
+      this.#orphans.set(slot, performance.now());
       return;
     }
     Atomics.store(states, slot, FREE);
@@ -248,11 +254,14 @@ class Engine {
 
   #allocate(): number {
     if (this.#free.length === 0) {
-      for (const slot of this.#orphans) {
+      const now = performance.now();
+      for (const [slot, since] of this.#orphans) {
         if (this.finished(slot)) {
           this.#orphans.delete(slot);
           Atomics.store(this.#views.states, slot, FREE);
           this.#free.push(slot);
+        } else if (now - since > STUCK_MS) {
+          this.fail(workerError(`checksum worker did not finish a job in ${STUCK_MS} ms`));
         }
       }
     }
