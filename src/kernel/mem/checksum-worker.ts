@@ -101,6 +101,8 @@ class Engine {
     for (let s = SLOTS - 1; s >= 0; s--) this.#free.push(s);
     this.#worker = new Worker(new URL('./checksum-worker-thread.js', import.meta.url), {
       workerData: { shared },
+      // plain JavaScript over node: builtins: none of the parent's options (--input-type, loaders)
+      execArgv: [],
       stdout: false,
       stderr: false,
     });
@@ -400,7 +402,10 @@ export class ChecksumClient {
     const e = currentEngine();
     if (!e || e.failure) return undefined;
     if (state.engine !== e) {
-      closeState(state); // a worker that was shut down: start over with the new one
+      // first job, or the worker was shut down: register anew with this one (jobs of the old one
+      // complete inline)
+      for (const m of state.memories.keys()) state.engine?.release(m);
+      state.memories.clear();
       state.engine = e;
     }
     if (!this.#registered) {
