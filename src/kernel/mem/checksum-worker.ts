@@ -11,8 +11,8 @@
  *    back, so a busy worker never makes the main thread wait for work it could do itself;
  *  - while the worker runs it, the caller runs other queued jobs itself (newest first, the worker
  *    takes the oldest), and only waits (Atomics.wait) when there are none: both threads share the
- *    load instead of one idling. A wait lasts GRACE_MS at most: a worker that slow has lost its
- *    CPU, and the caller computes the value itself.
+ *    load instead of one idling. A wait is short (GRACE_MS, ~2 ms for 1 MiB): a worker that slow
+ *    has lost its CPU, and the caller computes the value itself.
  * Whatever goes wrong with the worker (it cannot start, it fails a job, it stops answering), the
  * value is computed inline: a PendingChecksum always yields the exact checksum.
  *
@@ -45,11 +45,13 @@ import { MemoryChecksummer } from './simd-checksum.js';
 /** Smallest range worth a job: below it, queueing costs more than the checksum. */
 export const CHECKSUM_OFFLOAD_MIN_BYTES = 64 * 1024;
 /**
- * How long a caller waits for a job the worker is running before computing it too: a job of 1 MiB
- * takes ~0.15 ms, so only a worker that lost its CPU (a loaded machine) takes this long, and the
- * caller should not wait for the scheduler to give it back.
+ * How long a caller waits for a job the worker is running before computing it too: GRACE_MS plus
+ * a millisecond per GRACE_BYTES_PER_MS of the job. A 1 MiB job takes ~0.15 ms (~7 GB/s), so only a
+ * worker that lost its CPU (a loaded machine) takes 2 ms, and the caller should not wait for the
+ * scheduler to give it back.
  */
 const GRACE_MS = 1;
+const GRACE_BYTES_PER_MS = 1e6;
 /** How long a job may run on the worker before the worker is declared stuck (no more jobs). */
 const STUCK_MS = 10_000;
 
@@ -68,13 +70,16 @@ export interface ChecksumWorkerStats {
   failure: VfioError | undefined;
   /** Jobs queued. */
   submitted: number;
-  /** Results the worker computed and a caller took. */
+  /** Results the worker thread computed and a caller took. */
   fromWorker: number;
-  /** Jobs taken back and computed by the caller (the worker had not started them). */
+  /**
+   * Values a caller computed itself: jobs taken back before the worker started them, jobs the
+   * worker was too slow with (GRACE_MS) or failed.
+   */
   inline: number;
-  /** Results a caller had to wait for (the worker was running them). */
+  /** Times a caller found its job running on the worker (it then helps, or waits). */
   waits: number;
-  /** Queued jobs the main thread ran itself while waiting for a result. */
+  /** Queued jobs the calling thread ran itself instead of waiting (whoever takes them later). */
   helped: number;
   /** Jobs the worker could not run (computed inline). */
   failed: number;
@@ -88,6 +93,8 @@ class Engine {
   readonly #free: number[] = [];
   /** Slots whose result nobody wants but that the worker is running (since when): freed when done. */
   readonly #orphans = new Map<number, number>();
+  /** Slots whose DONE result this thread computed (#helpOne). */
+  readonly #ranHere = new Uint8Array(SLOTS);
   readonly #memories = new Map<WebAssembly.Memory, { id: number; refs: number }>();
   /** The same memories, by id, for jobs this thread runs itself. */
   readonly #local = new Map<number, MemoryChecksummer>();
@@ -185,7 +192,8 @@ class Engine {
     let s = Atomics.load(states, slot);
     if (s === RUNNING) {
       this.stats.waits++;
-      const deadline = performance.now() + GRACE_MS;
+      const length = Atomics.load(this.#views.params, slot * PARAM_WORDS + 2);
+      const deadline = performance.now() + GRACE_MS + length / GRACE_BYTES_PER_MS;
       while ((s = Atomics.load(states, slot)) === RUNNING) {
         if (this.#helpOne()) continue;
         const left = deadline - performance.now();
@@ -199,10 +207,12 @@ class Engine {
       }
     }
     const value = Atomics.load(results, slot);
+    const ranHere = this.#ranHere[slot] === 1;
+    this.#ranHere[slot] = 0;
     Atomics.store(states, slot, FREE);
     this.#free.push(slot);
     if (s === DONE) {
-      this.stats.fromWorker++;
+      if (!ranHere) this.stats.fromWorker++;
       return value;
     }
     this.stats.failed++;
@@ -224,15 +234,14 @@ class Engine {
       let state = FAILED;
       try {
         const seed = Atomics.load(params, p + 3) >>> 0;
-        Atomics.store(
-          results,
-          slot,
-          summer.checksum(Atomics.load(params, p + 1), Atomics.load(params, p + 2), seed),
-        );
+        const value = summer.checksum(Atomics.load(params, p + 1), Atomics.load(params, p + 2), seed);
+        Atomics.store(results, slot, value);
         state = DONE;
-      } finally {
-        Atomics.store(states, slot, state);
+        this.#ranHere[slot] = 1;
+      } catch {
+        // FAILED: its owner computes it
       }
+      Atomics.store(states, slot, state);
       this.stats.helped++;
       return true;
     }
@@ -250,6 +259,7 @@ class Engine {
       this.#orphans.set(slot, performance.now());
       return;
     }
+    this.#ranHere[slot] = 0;
     Atomics.store(states, slot, FREE);
     this.#free.push(slot);
   }
@@ -260,6 +270,7 @@ class Engine {
       for (const [slot, since] of this.#orphans) {
         if (this.finished(slot)) {
           this.#orphans.delete(slot);
+          this.#ranHere[slot] = 0;
           Atomics.store(this.#views.states, slot, FREE);
           this.#free.push(slot);
         } else if (now - since > STUCK_MS) {
