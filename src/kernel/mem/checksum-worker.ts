@@ -14,7 +14,8 @@
  *    load instead of one idling. A wait is short (GRACE_MS, ~2 ms for 1 MiB): a worker that slow
  *    has lost its CPU, and the caller computes the value itself.
  * Whatever goes wrong with the worker (it cannot start, it fails a job, it stops answering), the
- * value is computed inline: a PendingChecksum always yields the exact checksum.
+ * value is computed inline: a PendingChecksum always yields the exact checksum. A worker that
+ * failed is not used again (checksumWorkerStats().failure says why) until shutdownChecksumWorker().
  *
  * Bounded: SLOTS jobs in flight and QUEUE_LENGTH queue entries for the whole process; submit()
  * returns undefined when either is full (the caller computes inline). Memories are registered with
@@ -110,8 +111,6 @@ class Engine {
       workerData: { shared },
       // plain JavaScript over node: builtins: none of the parent's options (--input-type, loaders)
       execArgv: [],
-      stdout: false,
-      stderr: false,
     });
     this.#worker.unref();
     this.#worker.on('error', (err) => this.fail(workerError(`checksum worker failed: ${err.message}`, err)));
@@ -293,15 +292,13 @@ class Engine {
 let engine: Engine | undefined;
 let lastFailure: VfioError | undefined;
 
+/** The worker's engine, started on first use; a failed one stays (it refuses new jobs). */
 function currentEngine(): Engine | undefined {
-  if (engine?.failure) return engine; // keeps serving jobs in flight; submit() refuses new ones
-  if (!engine) {
-    try {
-      engine = new Engine();
-    } catch (err) {
-      lastFailure = workerError(`checksum worker could not start: ${(err as Error).message}`, err);
-      return undefined;
-    }
+  if (engine || lastFailure) return engine;
+  try {
+    engine = new Engine();
+  } catch (err) {
+    lastFailure = workerError(`checksum worker could not start: ${(err as Error).message}`, err);
   }
   return engine;
 }
@@ -312,10 +309,9 @@ function currentEngine(): Engine | undefined {
  */
 export async function shutdownChecksumWorker(): Promise<void> {
   const e = engine;
-  if (!e) return;
   engine = undefined;
   lastFailure = undefined;
-  await e.terminate();
+  await e?.terminate();
 }
 
 export function checksumWorkerStats(): ChecksumWorkerStats {
