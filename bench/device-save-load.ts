@@ -1,5 +1,6 @@
 import { randomFillSync } from 'node:crypto';
 import { createAccelDevice } from '../src/devices/accel-device.js';
+import { checksumWorkerStats } from '../src/kernel/mem/checksum-worker.js';
 import type { ResumeStream, SavingStream } from '../src/kernel/vfio/mig-data-stream.js';
 import { MigState } from '../src/uapi/migration.js';
 
@@ -15,6 +16,8 @@ export interface DeviceSaveLoadFigures {
   pieceCopyGBps: number;
   /** (d) One Buffer.copy of the whole memory. */
   wholeCopyGBps: number;
+  /** Share of the record checksums of the (b) runs computed on the checksum worker thread. */
+  writeFromChecksumsOnWorker: number;
   writeFromVsPieceCopy: number;
   readWriteVsPieceCopy: number;
   writeFromVsWholeCopy: number;
@@ -75,7 +78,9 @@ export async function benchDeviceSaveLoad(memoryBytes = 1 << 30): Promise<Device
   run(true);
   pieceCopy();
   const a = best(() => run(false));
+  const before = checksumWorkerStats();
   const b = best(() => run(true));
+  const after = checksumWorkerStats();
   const c = best(pieceCopy) * (memoryBytes / src.length);
   const d = best(wholeCopy) * (memoryBytes / src.length);
   const figures = {
@@ -87,6 +92,8 @@ export async function benchDeviceSaveLoad(memoryBytes = 1 << 30): Promise<Device
   };
   return {
     ...figures,
+    writeFromChecksumsOnWorker:
+      (after.fromWorker - before.fromWorker) / Math.max(1, after.submitted - before.submitted),
     writeFromVsPieceCopy: figures.writeFromGBps / figures.pieceCopyGBps,
     readWriteVsPieceCopy: figures.readWriteGBps / figures.pieceCopyGBps,
     writeFromVsWholeCopy: figures.writeFromGBps / figures.wholeCopyGBps,

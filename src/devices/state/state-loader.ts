@@ -34,7 +34,18 @@
  * region memory after the bounds checks, and are verified there with the SIMD checksum.
  * Errors are sticky: once the stream is known bad every write() and finish() throws the same error
  * (EINVAL for a stream that can never load, EIO for corrupted data).
+ *
+ * Verification of records of CHECKSUM_OFFLOAD_MIN_BYTES and more is deferred to the checksum
+ * worker (kernel/mem/checksum-worker.ts), at most MAX_DEFERRED records behind the stream: the
+ * payload is in place, its checksum is computed over the destination bytes on the other thread
+ * while the next records arrive. A deferred record is settled (its value compared) when it is the
+ * oldest and done, when the window is full, before a later record overwrites any of its bytes,
+ * before any other error is reported (so the first bad record in stream order decides the error)
+ * and, all of them, in finish(): RESUMING -> STOP never succeeds before every record is verified.
+ * A mismatch makes EIO the sticky error, reported by the call that finds it. Small records (and
+ * every record when the worker is unavailable) are verified inline, as they arrive.
  */
+import { ChecksumClient, type PendingChecksum } from '../../kernel/mem/checksum-worker.js';
 import type { ResumingSession } from '../../kernel/vfio/migration-driver.js';
 import { kernelError, type VfioError } from '../../uapi/error.js';
 import type { DeviceStateImage, StateRegion } from './state-region.js';
@@ -52,6 +63,19 @@ import {
 
 type Phase = 'header' | 'record' | 'payload' | 'done';
 
+/** Records whose verification may be pending at once (1 MiB each at most). */
+export const MAX_DEFERRED = 32;
+
+/** A record in place whose checksum the worker is computing. */
+interface Deferred {
+  region: StateRegion;
+  offset: number;
+  length: number;
+  /** The checksum the stream carried. */
+  sum: bigint;
+  job: PendingChecksum;
+}
+
 export class StateLoader implements ResumingSession {
   readonly #image: DeviceStateImage;
   readonly #staging = new Uint8Array(STREAM_HEADER_BYTES);
@@ -68,13 +92,22 @@ export class StateLoader implements ResumingSession {
   #records = 0;
   #chain = 0n;
   #ended = false;
+  readonly #checks = new ChecksumClient();
+  /** Verifications still pending, oldest first. */
+  #deferred: Deferred[] = [];
 
   constructor(image: DeviceStateImage) {
     this.#image = image;
   }
 
+  /** Records whose verification is still pending (deferred to the checksum worker). */
+  get pendingVerifications(): number {
+    return this.#deferred.length;
+  }
+
   write(chunk: Uint8Array): void {
     this.#check();
+    this.#settleDone();
     if (this.#phase === 'done' && chunk.length > 0) throw this.#fail('EINVAL', 'bytes after the END record');
     let at = 0;
     while (at < chunk.length) {
@@ -92,6 +125,7 @@ export class StateLoader implements ResumingSession {
    */
   writeFrom(fill: (target: Uint8Array) => number): number {
     this.#check();
+    this.#settleDone();
     const target = this.#target();
     const n = fill(target);
     if (!Number.isInteger(n) || n < 0 || n > target.length) {
@@ -103,6 +137,8 @@ export class StateLoader implements ResumingSession {
 
   finish(): void {
     this.#check();
+    this.#settle(this.#deferred.length);
+    this.#checks.close();
     if (this.#phase !== 'done') {
       throw kernelError('EINVAL', `device state stream truncated (in ${this.#phase})`, { op: 'load' });
     }
@@ -111,6 +147,7 @@ export class StateLoader implements ResumingSession {
   end(): void {
     this.#ended = true;
     this.#region = undefined;
+    this.#dropDeferred();
   }
 
   /** Where the next bytes go. */
@@ -207,6 +244,15 @@ export class StateLoader implements ResumingSession {
     if (offset / block !== (offset + BigInt(length) - 1n) / block) {
       throw this.#fail('EINVAL', `record [${offset}, +${length}) crosses a 1 MiB block`);
     }
+    // A record that rewrites bytes of a record still being verified: settle that one first.
+    const end = Number(offset) + length;
+    for (let i = this.#deferred.length - 1; i >= 0; i--) {
+      const d = this.#deferred[i]!;
+      if (d.region === region && d.offset < end && Number(offset) < d.offset + d.length) {
+        this.#settle(i + 1);
+        break;
+      }
+    }
     this.#region = region;
     this.#offset = Number(offset);
     this.#length = length;
@@ -217,16 +263,59 @@ export class StateLoader implements ResumingSession {
 
   #verifyPayload(): void {
     const r = this.#region!;
-    const sum = r.memory.checksum(this.#offset, this.#length);
-    if (sum !== this.#sum) {
-      throw this.#fail('EIO', `checksum mismatch in ${r.name} [${this.#offset}, +${this.#length})`);
+    const job = this.#checks.submit(r.memory, this.#offset, this.#length);
+    if (job) {
+      this.#deferred.push({ region: r, offset: this.#offset, length: this.#length, sum: this.#sum, job });
+      if (this.#deferred.length > MAX_DEFERRED) this.#settle(1);
+    } else {
+      const sum = r.memory.checksum(this.#offset, this.#length);
+      if (sum !== this.#sum) {
+        throw this.#fail('EIO', `checksum mismatch in ${r.name} [${this.#offset}, +${this.#length})`);
+      }
     }
     this.#records++;
-    this.#chain = chainRecord(this.#chain, r.id, BigInt(this.#offset), this.#length, sum);
+    this.#chain = chainRecord(this.#chain, r.id, BigInt(this.#offset), this.#length, this.#sum);
     this.#phase = 'record';
   }
 
+  /** Settle the oldest deferred verifications that are already computed (never waits). */
+  #settleDone(): void {
+    let n = 0;
+    while (n < this.#deferred.length && this.#deferred[n]!.job.ready) n++;
+    if (n > 0) this.#settle(n);
+  }
+
+  /** Settle the `count` oldest deferred verifications; the first mismatch fails the load (EIO). */
+  #settle(count: number): void {
+    for (let i = 0; i < count; i++) {
+      const d = this.#deferred.shift()!;
+      if (d.job.value() !== d.sum) {
+        this.#dropDeferred();
+        this.#error = kernelError(
+          'EIO',
+          `checksum mismatch in ${d.region.name} [${d.offset}, +${d.length})`,
+          {
+            op: 'load',
+          },
+        );
+        throw this.#error;
+      }
+    }
+  }
+
+  #dropDeferred(): void {
+    for (const d of this.#deferred) d.job.cancel();
+    this.#deferred = [];
+    this.#checks.close();
+  }
+
   #fail(errno: 'EINVAL' | 'EIO', message: string): VfioError {
+    // Records before this point come first: a pending verification that fails is the error.
+    try {
+      this.#settle(this.#deferred.length);
+    } catch (err) {
+      return err as VfioError;
+    }
     this.#error = kernelError(errno, message, { op: 'load' });
     return this.#error;
   }

@@ -1,3 +1,4 @@
+import { ChecksumClient, type PendingChecksum } from '../../kernel/mem/checksum-worker.js';
 import type { PrecopyInfo, SavingSession } from '../../kernel/vfio/migration-driver.js';
 import type { DeviceStateImage, StateRegion } from './state-region.js';
 import {
@@ -27,6 +28,25 @@ interface InFlight {
   snapshot: Uint8Array | undefined;
 }
 
+/** Records whose checksums are computed ahead on the checksum worker. */
+export const AHEAD_RECORDS = 4;
+
+/** Where the next record goes: region, offset, length, and its last chunk. */
+interface RecordPlan {
+  region: StateRegion;
+  offset: number;
+  length: number;
+  last: number;
+}
+
+/** A checksum job for a record expected soon, over bytes no device write has touched since. */
+interface Ahead {
+  region: StateRegion;
+  offset: number;
+  length: number;
+  job: PendingChecksum;
+}
+
 /**
  * The source side of a device-state stream (see state-loader.ts for the layout). Bytes are produced
  * lazily into whatever buffer read() gets: payloads are copied exactly once, from region memory to
@@ -35,6 +55,16 @@ interface InFlight {
  * Precopy: every precopy-region chunk starts INITIAL; device writes turn sent chunks DIRTY (the
  * regions announce writes through their observer). A write into the unsent part of the record being
  * read snapshots that part first, so the payload always matches its checksum.
+ *
+ * Checksums ahead: a record header carries the checksum of its payload, so the source pass must be
+ * done when the header is produced. When a record starts, the saver predicts the next
+ * AHEAD_RECORDS records (the same scan from the same chunk states) and queues their checksums on
+ * the checksum worker (kernel/mem/checksum-worker.ts; records of CHECKSUM_OFFLOAD_MIN_BYTES and
+ * more), so they are computed while this record's payload is copied. A job is only used for a
+ * record with exactly its range, and only if no device write touched that range since the job was
+ * queued: every write is announced to the observer before it changes bytes, and the observer
+ * cancels the jobs it overlaps (in STOP_COPY the device cannot write, in precopy it may). Anything
+ * else (no job, a cancelled one, a prediction that did not come true) is computed inline.
  */
 export class StateSaver implements SavingSession {
   readonly #image: DeviceStateImage;
@@ -58,6 +88,8 @@ export class StateSaver implements SavingSession {
   #records = 0;
   #chain = 0n;
   #ended = false;
+  readonly #checks = new ChecksumClient();
+  #ahead: Ahead[] = [];
 
   constructor(
     image: DeviceStateImage,
@@ -146,6 +178,7 @@ export class StateSaver implements SavingSession {
     this.#ended = true;
     this.#flight = undefined;
     this.#header = undefined;
+    this.#dropAhead();
   }
 
   #markAll(r: StateRegion): void {
@@ -164,6 +197,7 @@ export class StateSaver implements SavingSession {
     if (this.#pending === 0) {
       if (this.#phase !== 'final') return false;
       this.#phase = 'done';
+      this.#dropAhead();
       encodeRecordHeader(this.#recordView, RecordKind.END, 0, 0, BigInt(this.#records), this.#chain);
       this.#header = this.#recordHeader;
       return true;
@@ -173,11 +207,9 @@ export class StateSaver implements SavingSession {
     for (let visited = 0; visited <= regions.length; visited++) {
       const r = regions[this.#scanRegion]!;
       const st = this.#state[this.#scanRegion]!;
-      let c = st.indexOf(INITIAL, this.#scanChunk);
-      const d = st.indexOf(DIRTY, this.#scanChunk);
-      if (c < 0 || (d >= 0 && d < c)) c = d;
+      const c = firstPending(st, this.#scanChunk);
       if (c >= 0) {
-        this.#startRecord(r, st, c);
+        this.#startRecord(this.#plan(r, st, c));
         return true;
       }
       this.#scanRegion = (this.#scanRegion + 1) % regions.length;
@@ -186,26 +218,95 @@ export class StateSaver implements SavingSession {
     return false;
   }
 
-  #startRecord(r: StateRegion, st: Uint8Array, first: number): void {
-    const kind = st[first] as typeof INITIAL | typeof DIRTY;
+  /** The record that starts at pending chunk `first`: its run of chunks of one kind in one block. */
+  #plan(r: StateRegion, st: Uint8Array, first: number): RecordPlan {
+    const kind = st[first];
     const perRecord = RECORD_MAX_BYTES / CHUNK_BYTES;
     const limit = Math.min(st.length, (Math.floor(first / perRecord) + 1) * perRecord);
     let last = first;
     while (last + 1 < limit && st[last + 1] === kind) last++;
+    const offset = first * CHUNK_BYTES;
+    const length = Math.min(r.sizeBytes, (last + 1) * CHUNK_BYTES) - offset;
+    return { region: r, offset, length, last };
+  }
+
+  #startRecord(plan: RecordPlan): void {
+    const { region: r, offset, length, last } = plan;
+    const st = this.#state[r.id]!;
+    const first = offset / CHUNK_BYTES;
+    const kind = st[first] as typeof INITIAL | typeof DIRTY;
     for (let c = first; c <= last; c++) st[c] = CLEAN;
     this.#pending -= last - first + 1;
     this.#scanChunk = last + 1;
-    const offset = first * CHUNK_BYTES;
-    const length = Math.min(r.sizeBytes, (last + 1) * CHUNK_BYTES) - offset;
-    const sum = r.memory.checksum(offset, length);
+    const sum = this.#takeAhead(r, offset, length) ?? r.memory.checksum(offset, length);
     encodeRecordHeader(this.#recordView, RecordKind.DATA, r.id, length, BigInt(offset), sum);
     this.#records++;
     this.#chain = chainRecord(this.#chain, r.id, BigInt(offset), length, sum);
     this.#header = this.#recordHeader;
     this.#flight = { region: r, offset, length, done: 0, kind, snapshot: undefined };
+    this.#queueAhead();
+  }
+
+  /** The checksum of a job queued for exactly this record, if no write has cancelled it. */
+  #takeAhead(r: StateRegion, offset: number, length: number): bigint | undefined {
+    const i = this.#ahead.findIndex((a) => a.region === r && a.offset === offset && a.length === length);
+    if (i < 0) return undefined;
+    const [a] = this.#ahead.splice(i, 1);
+    return a!.job.value();
+  }
+
+  /**
+   * Queue checksums for the next records, as #nextRecord would pick them from the current chunk
+   * states (without wrapping back to the scan region); jobs for records no longer expected go.
+   */
+  #queueAhead(): void {
+    const regions = this.#image.regions;
+    const want: RecordPlan[] = [];
+    let ri = this.#scanRegion;
+    let chunk = this.#scanChunk;
+    for (let visited = 0; want.length < AHEAD_RECORDS && visited < regions.length;) {
+      const st = this.#state[ri]!;
+      const c = firstPending(st, chunk);
+      if (c < 0) {
+        ri = (ri + 1) % regions.length;
+        chunk = 0;
+        visited++;
+        continue;
+      }
+      const plan = this.#plan(regions[ri]!, st, c);
+      want.push(plan);
+      chunk = plan.last + 1;
+    }
+    const same = (a: { region: StateRegion; offset: number; length: number }, b: typeof a) =>
+      a.region === b.region && a.offset === b.offset && a.length === b.length;
+    const kept: Ahead[] = [];
+    for (const a of this.#ahead) {
+      if (want.some((w) => same(w, a))) kept.push(a);
+      else a.job.cancel();
+    }
+    for (const w of want) {
+      if (kept.some((a) => same(w, a))) continue;
+      const job = this.#checks.submit(w.region.memory, w.offset, w.length);
+      if (job) kept.push({ region: w.region, offset: w.offset, length: w.length, job });
+    }
+    this.#ahead = kept;
+  }
+
+  #dropAhead(): void {
+    for (const a of this.#ahead) a.job.cancel();
+    this.#ahead = [];
+    this.#checks.close();
   }
 
   #deviceWrite(r: StateRegion, offset: number, length: number): void {
+    // Jobs that may have read bytes this write changes: their results can no longer be used.
+    for (let i = 0; i < this.#ahead.length; i++) {
+      const a = this.#ahead[i]!;
+      if (a.region === r && offset < a.offset + a.length && offset + length > a.offset) {
+        a.job.cancel();
+        this.#ahead.splice(i--, 1);
+      }
+    }
     const f = this.#flight;
     if (f && f.region === r && !f.snapshot) {
       const from = f.offset + f.done;
@@ -229,6 +330,13 @@ export class StateSaver implements SavingSession {
     }
     if (grew) this.#dataReady();
   }
+}
+
+/** The first INITIAL or DIRTY chunk at or after `from`, or -1. */
+function firstPending(st: Uint8Array, from: number): number {
+  const c = st.indexOf(INITIAL, from);
+  const d = st.indexOf(DIRTY, from);
+  return c < 0 || (d >= 0 && d < c) ? d : c;
 }
 
 /** Record headers needed for `bytes` of payload (an estimate: one per RECORD_MAX_BYTES). */

@@ -1,2 +1,3 @@
 export * from './phys-memory.js';
 export * from './simd-checksum.js';
+export * from './checksum-worker.js';

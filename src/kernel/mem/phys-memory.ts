@@ -83,6 +83,19 @@ export class PhysMemory {
     return h;
   }
 
+  /**
+   * The wasm memory holding `[offset, offset+length)` and where the range starts in it, when the
+   * range lies in one segment (for the checksum worker, checksum-worker.ts); else undefined.
+   */
+  segmentOf(offset: number, length: number): { memory: WebAssembly.Memory; at: number } | undefined {
+    this.#check(offset, length);
+    const seg = Math.floor(offset / SEGMENT_BYTES);
+    const at = offset - seg * SEGMENT_BYTES;
+    const segment = this.#segments[seg];
+    if (!segment || at + length > segment.bytes.length) return undefined;
+    return { memory: segment.memory, at };
+  }
+
   /** A hex digest of the whole memory: SHA-256 over the checksums of its 1 MiB chunks. */
   digest(): string {
     const hash = createHash('sha256');
