@@ -37,14 +37,7 @@ export async function benchIommufdMap(sizes: number[] = [64 * 1024, 256 * 1024, 
 }> {
   const rows: IommufdMapRow[] = [];
   for (const n of sizes) {
-    const host = new Host();
-    const p = host.spawn({ uid: 107, rlimitMemlockBytes: 8n * GiB });
-    const ctx = IommufdContext.open(p);
-    const ioasId = ctx.ioasAlloc().outIoasId;
-    ctx.attachIoas({ devId: ctx.bindDevice({ name: 'vf0' }).outDevid, ptId: ioasId });
-    const va = p.mmap({ lengthBytes: 4n * GiB });
-    // Every other page, so the areas stay separate (4 GiB = 1 Mi pages: stride 2 spans 2 GiB at 1 Mi).
-    const stride = (4n * GiB) / PAGE / BigInt(n) >= 2n ? 2n * PAGE : PAGE;
+    const { p, ctx, ioasId, va, stride } = guestWithDevice(n);
     gc();
     const before = process.memoryUsage();
     const t0 = process.hrtime.bigint();
@@ -85,15 +78,22 @@ export async function benchIommufdMap(sizes: number[] = [64 * 1024, 256 * 1024, 
   return { rows, gcExposed: typeof (globalThis as { gc?: unknown }).gc === 'function' };
 }
 
-/** N automatic-IOVA maps of 4 KiB (every other page of a 4 GiB guest), device attached; seconds. */
-function autoMap(n: number): number {
+/** A VMM with a 4 GiB guest mapping and an iommufd IOAS with a device attached, for `n` areas. */
+function guestWithDevice(n: number) {
   const host = new Host();
   const p = host.spawn({ uid: 107, rlimitMemlockBytes: 8n * GiB });
   const ctx = IommufdContext.open(p);
   const ioasId = ctx.ioasAlloc().outIoasId;
   ctx.attachIoas({ devId: ctx.bindDevice({ name: 'vf0' }).outDevid, ptId: ioasId });
   const va = p.mmap({ lengthBytes: 4n * GiB });
+  // Every other page, so the areas stay separate (4 GiB = 1 Mi pages: stride 2 spans 2 GiB at 1 Mi).
   const stride = (4n * GiB) / PAGE / BigInt(n) >= 2n ? 2n * PAGE : PAGE;
+  return { p, ctx, ioasId, va, stride };
+}
+
+/** N automatic-IOVA maps of 4 KiB (every other page of a 4 GiB guest), device attached; seconds. */
+function autoMap(n: number): number {
+  const { ctx, ioasId, va, stride } = guestWithDevice(n);
   gc();
   const args = { flags: RW_FIXED & ~1, ioasId, userVa: 0n, length: PAGE, iova: 0n };
   const t0 = process.hrtime.bigint();
