@@ -33,7 +33,7 @@ async function deviceSaveLoad(): Promise<BenchResult> {
     ],
     notes: [
       'Best of 3. Source device stopped in STOP_COPY, destination RESUMING → STOP (load with every record checksum verified) and digests compared after each run.',
-      'Save + load does a full integrity check: a SIMD checksum over the source bytes and another over the destination bytes (64-bit lane sums: every single-bit flip and every pair of changed words in different 64-byte blocks is caught). (b) copies once, device memory to device memory; (a) copies twice, through a user buffer, as read(2)/write(2) do.',
+      'Save + load does a full integrity check: a SIMD checksum over the source bytes and another over the destination bytes (64-bit lane sums, which every single-bit flip and every pair of changed words in different 64-byte blocks change). (b) copies once, device memory to device memory; (a) copies twice, through a user buffer, as read(2)/write(2) do.',
       'The checksums run mostly on a worker thread over the same shared wasm memories (the saver computes the next records ahead, the loader verifies behind the stream; RESUMING → STOP waits for every check), so the main thread mostly copies. The figure needs the second core free: with the other core busy it falls to about the single-threaded 0.4.',
       'The like-for-like baseline is (c): the stream moves data in 1 MiB pieces. (d) is one memcpy of 1 GiB.',
     ],
