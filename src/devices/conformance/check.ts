@@ -11,9 +11,6 @@ export interface CheckSpec {
   run(kit: Harness): string | undefined;
 }
 
-/** What each check module exports: the checks that apply to this device. */
-export type CheckSource = (kit: Harness) => CheckSpec[];
-
 export function check(
   category: ConformanceCategory,
   name: string,

@@ -1,5 +1,4 @@
 import type { ResumeStream, SavingStream } from '../../kernel/vfio/mig-data-stream.js';
-import { MigState, migStateName } from '../../uapi/migration.js';
 import { attempt, describeOutcome, expect, violation } from './outcome.js';
 
 /** What MIG_DEVICE_STATE SET returned in data_fd, as the kit classifies it. */
@@ -162,14 +161,3 @@ export function writeUntilError(fd: ResumeStream, bytes: Uint8Array): { written:
   }
   return { written: at };
 }
-
-export function stateName(state: number): string {
-  return migStateName(state);
-}
-
-export const RUNNING_STATES: readonly number[] = [
-  MigState.RUNNING,
-  MigState.RUNNING_P2P,
-  MigState.PRE_COPY,
-  MigState.PRE_COPY_P2P,
-];

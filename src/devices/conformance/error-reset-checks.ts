@@ -1,8 +1,8 @@
 import { ArcBrokeDevice } from '../../kernel/vfio/migration-driver.js';
-import { MigState } from '../../uapi/migration.js';
+import { MigState, migStateName } from '../../uapi/migration.js';
 import type { SampleDevice } from '../sample-device.js';
 import { type CheckSpec, check } from './check.js';
-import { concatBytes, probeFd, readToEnd, stateName, writeUntilError } from './data-fds.js';
+import { concatBytes, probeFd, readToEnd, writeUntilError } from './data-fds.js';
 import type { Harness } from './harness.js';
 import { attempt, describeOutcome, expect, skip } from './outcome.js';
 import { referenceStates } from './reference-fsm.js';
@@ -30,7 +30,7 @@ function bringToError(kit: Harness, device: SampleDevice): string {
     const state = kit.getState(device);
     if (state === MigState.ERROR) return `reached by loading ${what}`;
     const reset = attempt(() => device.vfio.reset());
-    expect(reset.ok, () => `reset from ${stateName(state)}: ${describeOutcome(reset)}`);
+    expect(reset.ok, () => `reset from ${migStateName(state)}: ${describeOutcome(reset)}`);
   }
   const driver = (device.vfio as { driver?: unknown }).driver;
   if (typeof driver !== 'object' || driver === null)
@@ -59,14 +59,14 @@ function bringToError(kit: Harness, device: SampleDevice): string {
 
 export function errorResetChecks(kit: Harness): CheckSpec[] {
   const checks: CheckSpec[] = referenceStates(kit.features).map((state) =>
-    check('error-reset', `reset from ${stateName(state)}`, (k) => {
+    check('error-reset', `reset from ${migStateName(state)}`, (k) => {
       const device = k.create('reset');
       k.work(device);
       const fd = k.driveTo(device, state);
       const reset = attempt(() => device.vfio.reset());
       expect(reset.ok, () => `reset: ${describeOutcome(reset)}`);
       const after = k.getState(device, 'GET after reset');
-      expect(after === MigState.RUNNING, `reset left the device in ${stateName(after)}`);
+      expect(after === MigState.RUNNING, `reset left the device in ${migStateName(after)}`);
       if (fd) {
         const live = probeFd(fd);
         expect(
@@ -106,12 +106,12 @@ export function errorResetChecks(kit: Harness): CheckSpec[] {
         const got = attempt(() => device.vfio.setMigDeviceState(target));
         expect(
           !got.ok && got.errno === 'EINVAL',
-          () => `SET ${stateName(target)} in ERROR: expected EINVAL, got ${describeOutcome(got)}`,
+          () => `SET ${migStateName(target)} in ERROR: expected EINVAL, got ${describeOutcome(got)}`,
         );
         const state = k.getState(device);
         expect(
           state === MigState.ERROR,
-          `SET ${stateName(target)} moved the device from ERROR to ${stateName(state)}`,
+          `SET ${migStateName(target)} moved the device from ERROR to ${migStateName(state)}`,
         );
       }
       return `${TRANSITION_TARGETS.length} targets refused`;
@@ -121,7 +121,7 @@ export function errorResetChecks(kit: Harness): CheckSpec[] {
       const reset = attempt(() => device.vfio.reset());
       expect(reset.ok, () => `reset in ERROR: ${describeOutcome(reset)}`);
       const state = k.getState(device, 'GET after reset');
-      expect(state === MigState.RUNNING, `reset left the device in ${stateName(state)}`);
+      expect(state === MigState.RUNNING, `reset left the device in ${migStateName(state)}`);
       k.work(device);
       k.driveFromRunningTo(device, MigState.STOP, 'after reset, to STOP');
       const fd = k.setSaving(device, MigState.STOP_COPY, 'after reset, STOP -> STOP_COPY');

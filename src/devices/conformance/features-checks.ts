@@ -1,6 +1,5 @@
-import { MigState } from '../../uapi/migration.js';
+import { MigState, migStateName } from '../../uapi/migration.js';
 import { type CheckSpec, check } from './check.js';
-import { stateName } from './data-fds.js';
 import type { Harness } from './harness.js';
 import { attempt, describeOutcome, expect } from './outcome.js';
 import { referenceStates } from './reference-fsm.js';
@@ -11,7 +10,7 @@ export function featureChecks(_kit: Harness): CheckSpec[] {
     check('features', 'a fresh device is RUNNING', (k) => {
       const device = k.create('fresh');
       const state = k.getState(device);
-      expect(state === MigState.RUNNING, `GET reports ${stateName(state)}`);
+      expect(state === MigState.RUNNING, `GET reports ${migStateName(state)}`);
       return undefined;
     }),
     check('features', 'digest() is stable', (k) => {
@@ -34,14 +33,17 @@ export function featureChecks(_kit: Harness): CheckSpec[] {
   ];
   for (const state of [MigState.STOP, MigState.STOP_COPY, MigState.RESUMING]) {
     checks.push(
-      check('features', `work() does nothing in ${stateName(state)}`, (k) => {
+      check('features', `work() does nothing in ${migStateName(state)}`, (k) => {
         const device = k.create('idle-work');
         k.work(device);
         k.driveTo(device, state);
-        const before = k.digest(device, `in ${stateName(state)}`);
+        const before = k.digest(device, `in ${migStateName(state)}`);
         k.work(device);
-        const after = k.digest(device, `after work() in ${stateName(state)}`);
-        expect(after === before, `work(${k.settings.workUnits}) changed the digest in ${stateName(state)}`);
+        const after = k.digest(device, `after work() in ${migStateName(state)}`);
+        expect(
+          after === before,
+          `work(${k.settings.workUnits}) changed the digest in ${migStateName(state)}`,
+        );
         return undefined;
       }),
     );
@@ -54,12 +56,12 @@ export function featureChecks(_kit: Harness): CheckSpec[] {
         k.work(device);
         k.driveTo(device, state);
         const size = attempt(() => device.vfio.getMigDataSize());
-        expect(size.ok, () => `MIG_DATA_SIZE GET in ${stateName(state)}: ${describeOutcome(size)}`);
+        expect(size.ok, () => `MIG_DATA_SIZE GET in ${migStateName(state)}: ${describeOutcome(size)}`);
         expect(
           typeof size.value === 'bigint' && size.value >= 0n,
-          `MIG_DATA_SIZE in ${stateName(state)} returned ${String(size.value)}, not a u64 bigint`,
+          `MIG_DATA_SIZE in ${migStateName(state)} returned ${String(size.value)}, not a u64 bigint`,
         );
-        seen.push(`${stateName(state)}=${size.value}`);
+        seen.push(`${migStateName(state)}=${size.value}`);
       }
       return seen.join(' ');
     }),

@@ -1,16 +1,8 @@
 import type { ResumeStream, SavingStream } from '../../kernel/vfio/mig-data-stream.js';
 import { VfioError } from '../../uapi/error.js';
-import { MigState, migFeatureNames } from '../../uapi/migration.js';
+import { migFeatureNames, MigState, migStateName } from '../../uapi/migration.js';
 import type { SampleDevice, SampleDeviceFactory, SampleDeviceOptions } from '../sample-device.js';
-import {
-  concatBytes,
-  describeFd,
-  fdKind,
-  readToEnd,
-  type StreamLimits,
-  stateName,
-  writeAll,
-} from './data-fds.js';
+import { concatBytes, describeFd, fdKind, readToEnd, type StreamLimits, writeAll } from './data-fds.js';
 import { attempt, describeOutcome, expect, isVerdict, VIOLATION_CODE, violation } from './outcome.js';
 import { referenceRouteFromRunning } from './reference-fsm.js';
 
@@ -127,14 +119,14 @@ export class Harness {
   ): SavingStream | ResumeStream | -1 {
     const before = this.getState(device, why);
     const got = attempt(() => device.vfio.setMigDeviceState(target));
-    const arc = `${stateName(before)} -> ${stateName(target)}`;
+    const arc = `${migStateName(before)} -> ${migStateName(target)}`;
     if (!got.ok) violation(`${why}: SET ${arc} failed: ${describeOutcome(got)}`);
     expect(
       fdKind(got.value) === fd,
       () => `${why}: SET ${arc} returned ${describeFd(got.value)}, expected ${fd}`,
     );
     const after = this.getState(device, why);
-    expect(after === target, () => `${why}: SET ${arc} succeeded but GET says ${stateName(after)}`);
+    expect(after === target, () => `${why}: SET ${arc} succeeded but GET says ${migStateName(after)}`);
     return got.value;
   }
 
@@ -165,11 +157,11 @@ export class Harness {
    */
   driveTo(device: SampleDevice, state: number): SavingStream | ResumeStream | undefined {
     const route = referenceRouteFromRunning(state, this.features);
-    expect(route, `setup: no route to ${stateName(state)} for ${this.featureNames}`);
+    expect(route, `setup: no route to ${migStateName(state)} for ${this.featureNames}`);
     let fd: SavingStream | ResumeStream | undefined;
     for (const arc of route) {
       const expected = arc.effect === 'new-save' ? 'save' : arc.effect === 'new-resume' ? 'resume' : 'none';
-      const got = this.set(device, arc.to, expected, `setup (towards ${stateName(state)})`);
+      const got = this.set(device, arc.to, expected, `setup (towards ${migStateName(state)})`);
       if (got !== -1) fd = got;
     }
     if (state === MigState.RESUMING) writeAll(fd as ResumeStream, this.golden().bytes, 'golden stream');

@@ -1,6 +1,6 @@
-import { MigState } from '../../uapi/migration.js';
+import { MigState, migStateName } from '../../uapi/migration.js';
 import { type CheckSpec, check } from './check.js';
-import { stateName, writeUntilError } from './data-fds.js';
+import { writeUntilError } from './data-fds.js';
 import type { Harness } from './harness.js';
 import { attempt, describeOutcome, expect, skip, violation } from './outcome.js';
 
@@ -36,19 +36,19 @@ function expectRejected(
   if (load.ok) {
     const digest = kit.digest(destination, 'after the accepted load');
     violation(
-      `RESUMING -> STOP accepted ${what} (${writeNote}); the destination is ${stateName(state)} and its ` +
+      `RESUMING -> STOP accepted ${what} (${writeNote}); the destination is ${migStateName(state)} and its ` +
         `digest ${digest === sourceDigest ? 'claims to equal' : 'differs from'} the source's`,
     );
   }
   expect(load.errno !== undefined, `RESUMING -> STOP failed without an errno: ${describeOutcome(load)}`);
   if (state !== MigState.RESUMING && state !== MigState.ERROR) {
-    const digest = kit.digest(destination, `after the failed load (${stateName(state)})`);
+    const digest = kit.digest(destination, `after the failed load (${migStateName(state)})`);
     expect(
       digest !== sourceDigest,
-      `the load failed (${load.errno}) but the destination is ${stateName(state)} with the source's digest`,
+      `the load failed (${load.errno}) but the destination is ${migStateName(state)} with the source's digest`,
     );
   }
-  return { note: `${writeNote}; SET ${load.errno}; now ${stateName(state)}`, state };
+  return { note: `${writeNote}; SET ${load.errno}; now ${migStateName(state)}`, state };
 }
 
 export function loadingChecks(_kit: Harness): CheckSpec[] {
@@ -132,9 +132,9 @@ export function loadingChecks(_kit: Harness): CheckSpec[] {
         other.length === 0,
         () =>
           `after a failed RESUMING -> STOP the state must be RESUMING or ERROR (uAPI 1.3), but: ` +
-          other.map(([name, s]) => `${name} -> ${stateName(s)}`).join('; '),
+          other.map(([name, s]) => `${name} -> ${migStateName(s)}`).join('; '),
       );
-      const states = new Set([...seenStates.values()].map(stateName));
+      const states = new Set([...seenStates.values()].map(migStateName));
       return `${seenStates.size} failed loads left ${[...states].join('/')}`;
     }),
     check('loading', 'a destination recovers after a failed load (reset, load again)', (k) => {
@@ -148,7 +148,7 @@ export function loadingChecks(_kit: Harness): CheckSpec[] {
       const reset = attempt(() => destination.vfio.reset());
       expect(reset.ok, () => `reset after the failed load: ${describeOutcome(reset)}`);
       const state = k.getState(destination, 'GET after reset');
-      expect(state === MigState.RUNNING, `reset left the device in ${stateName(state)}`);
+      expect(state === MigState.RUNNING, `reset left the device in ${migStateName(state)}`);
       k.driveFromRunningTo(destination, MigState.STOP, 'destination to STOP again');
       const again = k.setResuming(destination, 'STOP -> RESUMING again');
       const wrote = writeUntilError(again, golden.bytes);

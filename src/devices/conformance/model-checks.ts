@@ -1,9 +1,9 @@
 import fc from 'fast-check';
 import type { ResumeStream, SavingStream } from '../../kernel/vfio/mig-data-stream.js';
-import { MIG_STATE_COUNT, MigState } from '../../uapi/migration.js';
+import { MIG_STATE_COUNT, MigState, migStateName } from '../../uapi/migration.js';
 import type { SampleDevice } from '../sample-device.js';
 import { type CheckSpec, check } from './check.js';
-import { describeFd, fdKind, stateName } from './data-fds.js';
+import { describeFd, fdKind } from './data-fds.js';
 import type { Harness, SavedStream } from './harness.js';
 import {
   attempt,
@@ -65,7 +65,7 @@ function expectState(m: Model, r: Real, after: string): void {
   const state = r.kit.getState(r.device, `GET after ${after}`);
   expect(
     state === m.state,
-    `after ${after}: GET says ${stateName(state)}, the model says ${stateName(m.state)}`,
+    `after ${after}: GET says ${migStateName(state)}, the model says ${migStateName(m.state)}`,
   );
 }
 
@@ -79,7 +79,7 @@ class SetStateCmd implements Cmd {
   check = () => true;
   run(m: Model, r: Real): void {
     const from = m.state;
-    const arc = `SET ${stateName(from)} -> ${stateName(this.target)}`;
+    const arc = `SET ${migStateName(from)} -> ${migStateName(this.target)}`;
     const expected = referenceSetState(from, this.target, m.features);
     const got = attempt(() => r.device.vfio.setMigDeviceState(this.target));
     const observed = r.kit.getState(r.device, `GET after ${arc}`);
@@ -89,7 +89,7 @@ class SetStateCmd implements Cmd {
         () =>
           `${arc}: expected EINVAL (${expected.reason}), got ${got.ok ? describeFd(got.value) : describeOutcome(got)}`,
       );
-      expect(observed === from, `${arc}: refused, but the device moved to ${stateName(observed)}`);
+      expect(observed === from, `${arc}: refused, but the device moved to ${migStateName(observed)}`);
       return;
     }
     let load: 'must' | 'never' | 'may' = 'must';
@@ -109,7 +109,7 @@ class SetStateCmd implements Cmd {
         kind === expected.fd,
         `${arc}: expected ${expected.fd === 'none' ? 'no fd' : `a ${expected.fd} fd`}, got ${describeFd(got.value)}`,
       );
-      expect(observed === this.target, `${arc}: succeeded, but GET says ${stateName(observed)}`);
+      expect(observed === this.target, `${arc}: succeeded, but GET says ${migStateName(observed)}`);
       if (expected.loads) {
         const digest = r.kit.digest(r.device, `${arc} (after the load)`);
         expect(
@@ -134,13 +134,13 @@ class SetStateCmd implements Cmd {
     expect(got.errno !== undefined, () => `${arc}: failed without an errno: ${describeOutcome(got)}`);
     expect(
       observed === from || observed === MigState.ERROR,
-      `${arc}: a failed load left the device in ${stateName(observed)} (uAPI: the original state or ERROR)`,
+      `${arc}: a failed load left the device in ${migStateName(observed)} (uAPI: the original state or ERROR)`,
     );
     m.state = observed;
     for (const fd of m.fds) if (fd.live === 'live') fd.live = 'unknown';
     if (m.resume) m.resume.odd = true;
   }
-  toString = () => `set(${stateName(this.target)})`;
+  toString = () => `set(${migStateName(this.target)})`;
 }
 
 class ResetCmd implements Cmd {
@@ -161,11 +161,11 @@ class WorkCmd implements Cmd {
   run(m: Model, r: Real): void {
     const before = STOPPED.has(m.state) ? r.kit.digest(r.device, 'before work()') : undefined;
     const got = attempt(() => r.device.work(this.units));
-    expect(got.ok, () => `work(${this.units}) in ${stateName(m.state)}: ${describeOutcome(got)}`);
+    expect(got.ok, () => `work(${this.units}) in ${migStateName(m.state)}: ${describeOutcome(got)}`);
     if (before !== undefined) {
       expect(
         r.kit.digest(r.device, 'after work()') === before,
-        `work(${this.units}) changed the device in ${stateName(m.state)}`,
+        `work(${this.units}) changed the device in ${migStateName(m.state)}`,
       );
     }
   }
@@ -196,7 +196,7 @@ class ReadCmd implements Cmd {
     const i = pick(m, 'save', this.slot)!;
     const fd = m.fds[i]!;
     const real = r.fds[i] as SavingStream;
-    const what = `read(fd#${i}, ${this.size}) in ${stateName(m.state)}`;
+    const what = `read(fd#${i}, ${this.size}) in ${migStateName(m.state)}`;
     const dead = deadFdErrno(fd);
     if (dead === 'unknown') {
       const got = attempt(() => real.read(this.size));
@@ -237,7 +237,7 @@ class ReadCmd implements Cmd {
       }
       return;
     }
-    expect(m.state === MigState.STOP_COPY, `model: a live saving fd in ${stateName(m.state)}`);
+    expect(m.state === MigState.STOP_COPY, `model: a live saving fd in ${migStateName(m.state)}`);
     const got = attempt(() => real.read(this.size));
     expect(
       got.ok,
@@ -258,7 +258,7 @@ class PrecopyInfoCmd implements Cmd {
   run(m: Model, r: Real): void {
     const i = pick(m, 'save', this.slot)!;
     const fd = m.fds[i]!;
-    const what = `precopy info (fd#${i}) in ${stateName(m.state)}`;
+    const what = `precopy info (fd#${i}) in ${migStateName(m.state)}`;
     const got = attempt(() => (r.fds[i] as SavingStream).precopyInfo());
     const dead = deadFdErrno(fd);
     if (dead === 'EBADF') {

@@ -1,8 +1,8 @@
 import type { ResumeStream } from '../../kernel/vfio/mig-data-stream.js';
 import { PRECOPY_INFO_BYTES, VFIO_DEVICE_FEATURE } from '../../uapi/device-feature.js';
-import { MigFeature, MigState } from '../../uapi/migration.js';
+import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import { type CheckSpec, check } from './check.js';
-import { probeFd, readToEnd, stateName } from './data-fds.js';
+import { probeFd, readToEnd } from './data-fds.js';
 import type { Harness } from './harness.js';
 import { attempt, describeOutcome, expect, expectErrno } from './outcome.js';
 
@@ -79,7 +79,7 @@ export function streamChecks(kit: Harness): CheckSpec[] {
         expect(got.value.length === 0, `read ${i + 2} at the end of data returned ${got.value.length} bytes`);
       }
       const state = k.getState(device);
-      expect(state === MigState.STOP_COPY, `reading the end moved the device to ${stateName(state)}`);
+      expect(state === MigState.STOP_COPY, `reading the end moved the device to ${migStateName(state)}`);
       return `${chunks.reduce((n, c) => n + c.length, 0)} bytes, then 0 x ${END_READS + 1}`;
     }),
     check('streams', 'saving fd is dead (ENODEV) after STOP_COPY -> STOP', (k) => {
@@ -112,7 +112,7 @@ export function streamChecks(kit: Harness): CheckSpec[] {
         'read after close',
       );
       const state = k.getState(device);
-      expect(state === MigState.STOP_COPY, `closing the fd moved the device to ${stateName(state)}`);
+      expect(state === MigState.STOP_COPY, `closing the fd moved the device to ${migStateName(state)}`);
       k.set(device, MigState.STOP, 'none', 'STOP_COPY -> STOP after close');
       expectErrno(
         attempt(() => fd.read(4096)),
@@ -130,7 +130,7 @@ export function streamChecks(kit: Harness): CheckSpec[] {
         'write after close',
       );
       const state = k.getState(device);
-      expect(state === MigState.RESUMING, `closing the fd moved the device to ${stateName(state)}`);
+      expect(state === MigState.RESUMING, `closing the fd moved the device to ${migStateName(state)}`);
       return undefined;
     }),
   ];

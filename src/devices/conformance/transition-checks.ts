@@ -1,7 +1,7 @@
 import type { ResumeStream, SavingStream } from '../../kernel/vfio/mig-data-stream.js';
-import { MIG_STATE_COUNT } from '../../uapi/migration.js';
+import { MIG_STATE_COUNT, migStateName } from '../../uapi/migration.js';
 import { type CheckSpec, check } from './check.js';
-import { describeFd, fdKind, probeFd, stateName } from './data-fds.js';
+import { describeFd, fdKind, probeFd } from './data-fds.js';
 import type { Harness } from './harness.js';
 import { attempt, describeOutcome, expect } from './outcome.js';
 import { referenceSetState, referenceStates } from './reference-fsm.js';
@@ -21,7 +21,7 @@ export const TRANSITION_TARGETS: readonly number[] = [
 export function transitionChecks(kit: Harness): CheckSpec[] {
   return referenceStates(kit.features).flatMap((current) =>
     TRANSITION_TARGETS.map((target) =>
-      check('transitions', `${stateName(current)} -> ${stateName(target)}`, (k) =>
+      check('transitions', `${migStateName(current)} -> ${migStateName(target)}`, (k) =>
         checkTransition(k, current, target),
       ),
     ),
@@ -42,10 +42,10 @@ function checkTransition(kit: Harness, current: number, target: number): string 
       !got.ok,
       () =>
         `expected EINVAL (${expected.reason}), but SET succeeded, returned ${describeFd(got.ok ? got.value : -1)}` +
-        ` and the device is now ${stateName(after)}`,
+        ` and the device is now ${migStateName(after)}`,
     );
     expect(got.errno === 'EINVAL', () => `expected EINVAL (${expected.reason}), got ${describeOutcome(got)}`);
-    expect(after === current, `a refused SET moved the device to ${stateName(after)}`);
+    expect(after === current, `a refused SET moved the device to ${migStateName(after)}`);
     expect(
       sessionNow === undefined || sessionNow === 'live',
       `a refused SET killed the open session's fd (${sessionNow})`,
@@ -53,10 +53,10 @@ function checkTransition(kit: Harness, current: number, target: number): string 
     return `EINVAL: ${expected.reason}`;
   }
 
-  const path = [current, ...expected.arcs.map((a) => a.to)].map(stateName).join(',');
+  const path = [current, ...expected.arcs.map((a) => a.to)].map(migStateName).join(',');
   expect(
     got.ok,
-    () => `expected success (path ${path}), got ${describeOutcome(got)}; GET says ${stateName(after)}`,
+    () => `expected success (path ${path}), got ${describeOutcome(got)}; GET says ${migStateName(after)}`,
   );
   const fd = got.value;
   const kind = fdKind(fd);
@@ -64,7 +64,7 @@ function checkTransition(kit: Harness, current: number, target: number): string 
     kind === expected.fd,
     `expected ${expected.fd === 'none' ? 'no fd' : `a new ${expected.fd} fd`} (path ${path}), got ${describeFd(fd)}`,
   );
-  expect(after === target, `SET succeeded but GET says ${stateName(after)}`);
+  expect(after === target, `SET succeeded but GET says ${migStateName(after)}`);
   if (kind === 'save' || kind === 'resume') {
     const opened = fd as SavingStream | ResumeStream;
     expect(opened !== sessionFd, 'the "new" fd is the fd of the session that was already open');

@@ -1,3 +1,4 @@
+import { DMA_ENTRY_LIMIT_DEFAULT } from '../../uapi/vfio-type1.js';
 import { kernelError, VfioError } from '../../uapi/error.js';
 import { Cgroup } from './cgroup.js';
 import { MemFile, type MemFileOptions, type OpenFile } from './memfd.js';
@@ -214,7 +215,7 @@ export class Host {
 
   constructor(options: HostOptions = {}) {
     this.modules = {
-      vfioIommuType1: { dmaEntryLimit: 65535, ...options.modules?.vfioIommuType1 },
+      vfioIommuType1: { dmaEntryLimit: DMA_ENTRY_LIMIT_DEFAULT, ...options.modules?.vfioIommuType1 },
     };
     this.rootCgroup = new Cgroup(this, '', undefined);
   }

@@ -5,6 +5,8 @@ import { MemoryChecksummer } from './simd-checksum.js';
 const WASM_PAGE = 65536;
 /** Largest piece of one PhysMemory; a wasm memory can hold 4 GiB, 1 GiB keeps views small. */
 export const SEGMENT_BYTES = 1 << 30;
+/** Copies up to this size are done byte by byte, without a subarray view. */
+const SMALL_COPY_BYTES = 16;
 /** Unit of PhysMemory.digest(): per-chunk checksums are hashed together. */
 export const DIGEST_CHUNK_BYTES = 1 << 20;
 
@@ -54,15 +56,28 @@ export class PhysMemory {
   }
 
   read(offset: number, target: Uint8Array): void {
-    this.#pieces(offset, target.length, (bytes, at, done, n) => {
-      target.set(bytes.subarray(at, at + n), done);
-    });
+    const n = target.length;
+    const bytes = this.#within(offset, n);
+    if (bytes === undefined) {
+      this.#pieces(offset, n, (seg, at, done, len) => target.set(seg.subarray(at, at + len), done));
+      return;
+    }
+    const at = offset % SEGMENT_BYTES;
+    // Device DMA reads a few bytes at a time (descriptors, length words): no view for those.
+    if (n <= SMALL_COPY_BYTES) for (let i = 0; i < n; i++) target[i] = bytes[at + i]!;
+    else target.set(bytes.subarray(at, at + n));
   }
 
   write(offset: number, data: Uint8Array): void {
-    this.#pieces(offset, data.length, (bytes, at, done, n) => {
-      bytes.set(data.subarray(done, done + n), at);
-    });
+    const n = data.length;
+    const bytes = this.#within(offset, n);
+    if (bytes === undefined) {
+      this.#pieces(offset, n, (seg, at, done, len) => seg.set(data.subarray(done, done + len), at));
+      return;
+    }
+    const at = offset % SEGMENT_BYTES;
+    if (n <= SMALL_COPY_BYTES) for (let i = 0; i < n; i++) bytes[at + i] = data[i]!;
+    else bytes.set(data, at);
   }
 
   fill(value: number, offset = 0, length = this.sizeBytes - offset): void {
@@ -106,6 +121,13 @@ export class PhysMemory {
     }
     hash.update(String(this.sizeBytes));
     return hash.digest('hex');
+  }
+
+  /** The segment's bytes when `[offset, offset+length)` is valid and lies in one segment (the hot path). */
+  #within(offset: number, length: number): Uint8Array | undefined {
+    this.#check(offset, length);
+    const seg = Math.floor(offset / SEGMENT_BYTES);
+    return (offset % SEGMENT_BYTES) + length <= SEGMENT_BYTES ? this.#segments[seg]!.bytes : undefined;
   }
 
   #check(offset: number, length: number): void {

@@ -2,7 +2,6 @@ import { SEGMENT_BYTES } from '../../kernel/mem/phys-memory.js';
 
 /** The guest page: the unit of dirty logging and of RAM migration (QEMU's TARGET_PAGE_SIZE on x86). */
 export const GUEST_PAGE_BYTES = 4096;
-export const GUEST_PAGE_SHIFT = 12;
 /** Pages in one PhysMemory segment (1 GiB): a page never crosses a segment. */
 export const PAGES_PER_SEGMENT = SEGMENT_BYTES / GUEST_PAGE_BYTES;
 /** u32 words in one guest page. */

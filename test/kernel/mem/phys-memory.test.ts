@@ -19,6 +19,13 @@ test('read and write round-trip bytes and a fresh memory is zero', () => {
   m.write(1000, data);
   m.read(1000, out);
   assert.deepEqual(out, data);
+  // small copies take a byte-by-byte path
+  const small = Uint8Array.of(1, 2, 3, 4);
+  m.write(m.sizeBytes - 4, small);
+  const back = new Uint8Array(4);
+  m.read(m.sizeBytes - 4, back);
+  assert.deepEqual(back, small);
+  assert.throws(() => m.read(m.sizeBytes - 3, back), { code: 'ERR_INTERNAL' });
   assert.throws(() => m.write(m.sizeBytes - 1, new Uint8Array(2)), { code: 'ERR_INTERNAL' });
   assert.throws(() => m.read(-1, out), { code: 'ERR_INTERNAL' });
 });
@@ -99,6 +106,12 @@ test('checksums and digests agree across segment boundaries', { timeout: 60_000 
   const back = new Uint8Array(data.length);
   a.read(at, back);
   assert.deepEqual(back, data);
+  // a small copy across the segment boundary
+  const edge = Uint8Array.of(9, 8, 7, 6, 5, 4);
+  a.write(SEGMENT_BYTES - 3, edge);
+  const edgeBack = new Uint8Array(6);
+  a.read(SEGMENT_BYTES - 3, edgeBack);
+  assert.deepEqual(edgeBack, edge);
   b.view(SEGMENT_BYTES + 5, 1)[0] ^= 0xff;
   assert.notEqual(a.digest(), b.digest());
   assert.throws(() => a.view(SEGMENT_BYTES - 1, 2), { code: 'ERR_INTERNAL' });
