@@ -11,3 +11,4 @@ export * from './kernel/vfio/index.js';
 export * from './uapi/index.js';
 export * from './vmm/host/index.js';
 export * from './vmm/machine/index.js';
+export * from './vmm/migration/index.js';

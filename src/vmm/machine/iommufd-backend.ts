@@ -54,6 +54,8 @@ export class IommufdBackend implements VmDmaBackend {
   readonly ioasId: number;
   readonly #vmm: Process;
   readonly #devices = new Map<string, { devId: number; hwptId: number; space: IoasDmaSpace }>();
+  /** HWPTs allocated here → allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING. */
+  readonly #hwptDirty = new Map<number, boolean>();
   readonly #accesses = new Set<IommufdAccess>();
   #closed = false;
 
@@ -109,6 +111,7 @@ export class IommufdBackend implements VmDmaBackend {
     if (hwptId === undefined) {
       const flags = dirty ? HwptAllocFlag.DIRTY_TRACKING : 0;
       hwptId = this.ctx.hwptAlloc({ flags, devId, ptId: this.ioasId }).outHwptId;
+      this.#hwptDirty.set(hwptId, dirty);
       this.ctx.attachIoas({ devId, ptId: hwptId });
     }
     this.#devices.set(spec.name, { devId, hwptId, space: new IoasDmaSpace(this.ctx, devId) });
@@ -119,6 +122,11 @@ export class IommufdBackend implements VmDmaBackend {
     const dev = this.#devices.get(name);
     if (dev === undefined) throw invalidArgument(`no device ${name} on this iommufd`);
     return { devId: dev.devId, hwptId: dev.hwptId };
+  }
+
+  /** Can the device's HWPT report dirty pages (allocated with DIRTY_TRACKING)? */
+  hwptTracksDirty(name: string): boolean {
+    return this.#hwptDirty.get(this.device(name).hwptId) ?? false;
   }
 
   deviceSpace(name: string): DmaSpace {

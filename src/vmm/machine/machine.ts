@@ -7,12 +7,12 @@ import type { StateDriver } from '../../devices/state/state-driver.js';
 import type { Host, Process } from '../../kernel/host/host.js';
 import { DmaPort } from '../../kernel/vfio/dma-port.js';
 import { invalidArgument, VfioError } from '../../uapi/error.js';
-import { migStateName } from '../../uapi/migration.js';
+import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import { CountingDmaSpace, type DeviceDmaCounters } from './counting-dma-space.js';
 import type { VmDmaBackend } from './dma-backend.js';
 import { GuestDriverLoop, type GuestDriverTarget } from './guest-driver-loop.js';
 import { GuestRam } from './guest-ram.js';
-import { NicGuestTxDriver } from './nic-guest-driver.js';
+import { NicGuestTxDriver, type NicGuestTxState } from './nic-guest-driver.js';
 import { IommufdBackend } from './iommufd-backend.js';
 import {
   type GuestBufferPlacement,
@@ -36,9 +36,13 @@ import { VcpuSet, type VcpuTotals } from './vcpu-set.js';
  * - stopped: vCPUs paused, device work stopped, devices still attached and RAM mapped;
  * - failed: a start was refused (everything it set up undone) or the VM stopped on a run-time
  *   error (vCPUs paused, device work stopped, mappings kept for inspection); see `error`;
+ * - incoming: the destination of a migration: RAM mapped, devices attached, vCPUs created paused,
+ *   no device work; the migration loads its state, then the VM runs or stops ('stopped');
+ * - migrated: the source after a migration's hand-off: stopped for good (the VM runs elsewhere);
  * - destroyed: every fd closed, the VMM process gone.
  */
-export type MachineState = 'created' | 'starting' | 'running' | 'stopped' | 'failed' | 'destroyed';
+export type MachineState =
+  'created' | 'starting' | 'running' | 'stopped' | 'incoming' | 'migrated' | 'failed' | 'destroyed';
 
 /** An assigned device of the VM. */
 export interface MachineDevice {
@@ -85,6 +89,12 @@ export interface MachineStatus {
   bytesDirtied: { vcpus: number; deviceDma: number; emulatedDevices: number; total: number };
   /** Pages charged where the accounting mode charges (0 when not started). */
   lockedPages: number;
+}
+
+/** What deviceConfigState carries (JSON). */
+interface DeviceConfigState {
+  dma: DeviceDmaCounters;
+  guestTx: NicGuestTxState | undefined;
 }
 
 export type MachineStateListener = (state: MachineState, error: VfioError | undefined) => void;
@@ -274,6 +284,105 @@ export class Machine {
     });
   }
 
+  /**
+   * Bring the VM up as the destination of a migration (QEMU started with -incoming): RAM mapped
+   * and pinned, devices attached, vCPUs created paused, no device work: state 'incoming'. A
+   * refusal leaves the VM 'failed', as start() does.
+   */
+  startIncoming(): Promise<void> {
+    return this.#serialized(async () => {
+      if (this.#state !== 'created')
+        throw invalidArgument(`VM ${this.name} is ${this.#state}, cannot take a migration`);
+      this.#setState('starting');
+      try {
+        await this.#bringUp({ paused: true });
+      } catch (err) {
+        await this.#tearDown();
+        const error = err instanceof VfioError ? err : new MachineFailedError(this.name, String(err), err);
+        this.#error = error;
+        this.#setState('failed');
+        throw error;
+      }
+      this.#setState('incoming');
+    });
+  }
+
+  /**
+   * The incoming state is loaded and the source handed the VM off: run it (devices to RUNNING,
+   * P2P-capable ones through RUNNING_P2P first, then vCPUs and device work) or, without
+   * `autostart`, leave it 'stopped' (QEMU's -S) for a later start().
+   */
+  finishIncoming(options: { autostart: boolean }): Promise<void> {
+    return this.#serialized(async () => {
+      if (this.#state !== 'incoming')
+        throw invalidArgument(`VM ${this.name} is ${this.#state}, not incoming`);
+      if (options.autostart) await this.#resume();
+      else this.#setState('stopped');
+    });
+  }
+
+  /**
+   * The incoming migration failed before the hand-off: drop what it loaded. Devices are reset,
+   * guest RAM is zeroed, everything is torn down: the VM is 'created' again, ready for another.
+   */
+  discardIncoming(): Promise<void> {
+    return this.#serialized(async () => {
+      if (this.#state !== 'incoming')
+        throw invalidArgument(`VM ${this.name} is ${this.#state}, not incoming`);
+      let failure = await this.#tearDown();
+      for (const d of this.#devices) {
+        try {
+          d.device.vfio.reset();
+        } catch (err) {
+          failure ??= err;
+        }
+        Object.assign(d.dma.counters, { bytesRead: 0, bytesWritten: 0, faults: 0 });
+      }
+      for (const b of this.ram.blocks) b.memory.fill(0);
+      this.#vcpuTotals = ZERO_TOTALS;
+      this.#setState('created');
+      if (failure !== undefined) throw failure;
+    });
+  }
+
+  /** The source after a migration's hand-off: from 'stopped' to 'migrated'; only destroy is left. */
+  markMigrated(): void {
+    if (this.#state !== 'stopped') throw invalidArgument(`VM ${this.name} is ${this.#state}, not stopped`);
+    this.#setState('migrated');
+  }
+
+  /** The VMM's own state of an assigned device (counters, the guest driver's position), for migration. */
+  deviceConfigState(name: string): Uint8Array {
+    const d = this.device(name);
+    const state: DeviceConfigState = { dma: { ...d.dma.counters }, guestTx: d.guestTx?.state() };
+    return new TextEncoder().encode(JSON.stringify(state));
+  }
+
+  /** Load what deviceConfigState gave on the source; ERR_INVALID_ARGUMENT if it does not fit. */
+  loadDeviceConfigState(name: string, data: Uint8Array): void {
+    const d = this.device(name);
+    let state: DeviceConfigState;
+    try {
+      state = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(data)) as DeviceConfigState;
+    } catch (err) {
+      throw invalidArgument(`device ${name}: config state is not JSON: ${(err as Error).message}`);
+    }
+    const counters = state?.dma;
+    const valid = (x: unknown) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
+    if (!counters || !valid(counters.bytesRead) || !valid(counters.bytesWritten) || !valid(counters.faults)) {
+      throw invalidArgument(`device ${name}: config state has no valid DMA counters`);
+    }
+    if ((state.guestTx === undefined) !== (d.guestTx === undefined)) {
+      throw invalidArgument(`device ${name}: config state ${d.guestTx ? 'lacks' : 'has'} a guest TX driver`);
+    }
+    if (state.guestTx !== undefined) d.guestTx!.restore(state.guestTx);
+    Object.assign(d.dma.counters, {
+      bytesRead: counters.bytesRead,
+      bytesWritten: counters.bytesWritten,
+      faults: counters.faults,
+    });
+  }
+
   /** Pause the vCPUs and stop device work; devices stay attached and RAM mapped. */
   stop(): Promise<void> {
     return this.#serialized(async () => {
@@ -393,7 +502,7 @@ export class Machine {
 
   // ---- internals ------------------------------------------------------------------------------
 
-  async #bringUp(): Promise<void> {
+  async #bringUp(options: { paused?: boolean } = {}): Promise<void> {
     const def = this.definition;
     const assigned = this.#devices.map((d) => ({
       name: d.name,
@@ -424,14 +533,33 @@ export class Machine {
         e.connect(backend.openEmulatedDevice(e.name, (iova, length) => e.onUnmap(iova, length)));
       }
     }
-    this.#vcpus = await VcpuSet.start(this.ram, { count: def.vcpuCount, workload: def.vcpuWorkload });
-    this.#loop.start();
+    this.#vcpus = await VcpuSet.start(this.ram, {
+      count: def.vcpuCount,
+      workload: def.vcpuWorkload,
+      startPaused: options.paused ?? false,
+    });
+    if (!options.paused) this.#loop.start();
   }
 
   async #resume(): Promise<void> {
+    this.#runDevices();
     await this.#vcpus!.resume();
     this.#loop.start();
     this.#setState('running');
+  }
+
+  /**
+   * Devices a migration left stopped (a destination loads them into STOP) go to RUNNING as QEMU's
+   * VM start does: every P2P-capable device to RUNNING_P2P first, then all to RUNNING.
+   */
+  #runDevices(): void {
+    const stopped = this.#devices.filter((d) => d.device.vfio.getMigDeviceState() !== MigState.RUNNING);
+    for (const d of stopped) {
+      if ((d.device.vfio.getMigration().flags & BigInt(MigFeature.P2P)) !== 0n) {
+        d.device.vfio.setMigDeviceState(MigState.RUNNING_P2P);
+      }
+    }
+    for (const d of stopped) d.device.vfio.setMigDeviceState(MigState.RUNNING);
   }
 
   /** Undo a bring-up, whatever part of it happened; returns the first failure (after trying everything). */

@@ -1,6 +1,13 @@
 import type { NicRing } from '../../devices/nic-device.js';
 import type { GuestRam } from './guest-ram.js';
+import { invalidArgument } from '../../uapi/error.js';
 import { Prng } from './prng.js';
+
+export interface NicGuestTxState {
+  tail: number;
+  posted: number;
+  rng: number[];
+}
 
 /**
  * The guest's nic driver, TX side: each tick it fills the TX buffers it owns (length word 0) with
@@ -28,6 +35,23 @@ export class NicGuestTxDriver {
   /** Packets handed to the NIC so far. */
   get posted(): number {
     return this.#posted;
+  }
+
+  /** The driver's own position (ring tail, packets posted, generator), part of the VM's migrated state. */
+  state(): NicGuestTxState {
+    return { tail: this.#tail, posted: this.#posted, rng: this.#rng.state() };
+  }
+
+  restore(state: NicGuestTxState): void {
+    if (!Number.isInteger(state.tail) || state.tail < 0 || state.tail >= this.#ring.entries) {
+      throw invalidArgument(`TX ring tail ${state.tail} is outside the ${this.#ring.entries}-entry ring`);
+    }
+    if (!Number.isSafeInteger(state.posted) || state.posted < 0) {
+      throw invalidArgument(`bad posted packet count ${state.posted}`);
+    }
+    this.#rng.restore(state.rng);
+    this.#tail = state.tail;
+    this.#posted = state.posted;
   }
 
   tick(): void {

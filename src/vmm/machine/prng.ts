@@ -1,3 +1,4 @@
+import { invalidArgument } from '../../uapi/error.js';
 /**
  * xoshiro128** (Blackman & Vigna), seeded through splitmix32: a small, fast PRNG with 32-bit
  * output, so vCPU workloads are reproducible from a seed. Not for cryptography.
@@ -36,6 +37,18 @@ export class Prng {
     this.#c ^= t;
     this.#d = rotl(this.#d, 11);
     return result;
+  }
+
+  /** The generator's position (four u32), to continue it elsewhere with `restore`. */
+  state(): [number, number, number, number] {
+    return [this.#a >>> 0, this.#b >>> 0, this.#c >>> 0, this.#d >>> 0];
+  }
+
+  restore(state: readonly number[]): void {
+    if (state.length !== 4 || state.some((x) => !Number.isInteger(x) || x < 0 || x > 0xffffffff)) {
+      throw invalidArgument('a PRNG state is four u32 values');
+    }
+    [this.#a, this.#b, this.#c, this.#d] = state.map((x) => x | 0) as [number, number, number, number];
   }
 
   /** A float in [0, 1). */

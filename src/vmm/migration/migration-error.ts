@@ -50,7 +50,13 @@ export class MigrationError extends VfioError {
   }
 
   info(): MigrationErrorInfo {
-    return { code: this.code, message: this.message, phase: this.phase, device: this.device, errno: this.errno };
+    return {
+      code: this.code,
+      message: this.message,
+      phase: this.phase,
+      device: this.device,
+      errno: this.errno,
+    };
   }
 }
 

@@ -6,14 +6,7 @@
 
 /** QEMU's MigrationStatus values that a precopy migration with VFIO devices goes through. */
 export type MigrationStatus =
-  | 'none'
-  | 'setup'
-  | 'active'
-  | 'device'
-  | 'completed'
-  | 'failed'
-  | 'cancelling'
-  | 'cancelled';
+  'none' | 'setup' | 'active' | 'device' | 'completed' | 'failed' | 'cancelling' | 'cancelled';
 
 /** Which side of a migration reports. */
 export type MigrationRole = 'source' | 'destination';

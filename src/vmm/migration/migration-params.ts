@@ -100,7 +100,9 @@ export const QUEUED_BUFFERS_BYTES_RANGE: Range = [MiB + 4096, 16 * 1024 * MiB];
 
 function checkInteger(name: string, value: unknown, [min, max]: Range): number {
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min || value > max) {
-    throw invalidArgument(`migration parameter ${name} must be an integer from ${min} to ${max}, got ${String(value)}`);
+    throw invalidArgument(
+      `migration parameter ${name} must be an integer from ${min} to ${max}, got ${String(value)}`,
+    );
   }
   return value;
 }
@@ -114,7 +116,8 @@ export function resolveMigrationParameters(given: Partial<MigrationParameters> =
     if (value === undefined) continue;
     const range = RANGES[key];
     if (range === undefined) {
-      if (typeof value !== 'boolean') throw invalidArgument(`migration capability ${name} must be true or false`);
+      if (typeof value !== 'boolean')
+        throw invalidArgument(`migration capability ${name} must be true or false`);
       (out as unknown as Record<string, unknown>)[key] = value;
     } else {
       (out as unknown as Record<string, unknown>)[key] = checkInteger(name, value, range);
@@ -145,7 +148,10 @@ export function resolveIncomingParameters(given: Partial<IncomingParameters> = {
  */
 export function parseMigrationSettings(settings: readonly string[]): Partial<MigrationParameters> {
   const byName = new Map(
-    (Object.entries(MIGRATION_PARAMETER_NAMES) as [keyof MigrationParameters, string][]).map(([k, n]) => [n, k]),
+    (Object.entries(MIGRATION_PARAMETER_NAMES) as [keyof MigrationParameters, string][]).map(([k, n]) => [
+      n,
+      k,
+    ]),
   );
   const out: Partial<MigrationParameters> = {};
   for (const setting of settings) {
@@ -154,7 +160,9 @@ export function parseMigrationSettings(settings: readonly string[]): Partial<Mig
     const text = eq < 0 ? '' : setting.slice(eq + 1);
     const key = byName.get(name);
     if (key === undefined) {
-      throw invalidArgument(`unknown migration parameter ${JSON.stringify(name)} (known: ${[...byName.keys()].join(', ')})`);
+      throw invalidArgument(
+        `unknown migration parameter ${JSON.stringify(name)} (known: ${[...byName.keys()].join(', ')})`,
+      );
     }
     if (RANGES[key] === undefined) {
       const on = ['on', 'true', 'yes'].includes(text);
@@ -163,7 +171,8 @@ export function parseMigrationSettings(settings: readonly string[]): Partial<Mig
       }
       (out as Record<string, unknown>)[key] = on;
     } else {
-      if (!/^\d{1,16}$/.test(text)) throw invalidArgument(`${name} takes a decimal integer, got ${JSON.stringify(text)}`);
+      if (!/^\d{1,16}$/.test(text))
+        throw invalidArgument(`${name} takes a decimal integer, got ${JSON.stringify(text)}`);
       (out as Record<string, unknown>)[key] = Number(text);
     }
   }

@@ -1,0 +1,211 @@
+import type { Socket } from 'node:net';
+import { MigrationError, MigrationErrorCode } from './migration-error.js';
+import type { MigrationPhase } from './migration-info.js';
+import { FrameDecoder, type WireDirection, type WireEvent } from './wire-format.js';
+
+/** Bytes a sending channel may have queued in its socket before the sender waits for it to drain. */
+export const CHANNEL_HIGH_WATER_BYTES = 4 << 20;
+
+/**
+ * The sending side of one channel: frames written to a TCP socket, counted. Bodies are written as
+ * given (views of guest RAM or device buffers, not copied): what the socket has not taken yet
+ * stays referenced until it has.
+ */
+export class SendChannel {
+  readonly index: number;
+  readonly socket: Socket;
+  #bytes = 0;
+  #frames = 0;
+  #error: Error | undefined;
+
+  constructor(index: number, socket: Socket) {
+    this.index = index;
+    this.socket = socket;
+    socket.on('error', (err) => {
+      this.#error ??= err;
+    });
+  }
+
+  get kind(): 'main' | 'multifd' {
+    return this.index === 0 ? 'main' : 'multifd';
+  }
+
+  get bytesSent(): number {
+    return this.#bytes;
+  }
+
+  /** Frames written so far (CHANNEL_END reports it). */
+  get framesSent(): number {
+    return this.#frames;
+  }
+
+  /** Bytes written and not yet taken by the kernel. */
+  get backlog(): number {
+    return this.socket.writableLength;
+  }
+
+  get writable(): boolean {
+    return this.#error === undefined && !this.socket.destroyed && this.socket.writable;
+  }
+
+  /** Write one frame: its header (with meta) and its body pieces, in one batch. */
+  send(header: Uint8Array, body: readonly Uint8Array[] = []): void {
+    if (!this.writable) throw this.failure('send');
+    if (body.length > 0) this.socket.cork();
+    this.socket.write(header);
+    let n = header.length;
+    for (const piece of body) {
+      this.socket.write(piece);
+      n += piece.length;
+    }
+    if (body.length > 0) this.socket.uncork();
+    this.#bytes += n;
+    this.#frames++;
+  }
+
+  /** Resolves once the backlog is below `highWater` (at once if it is). Rejects if the socket fails. */
+  async drained(highWater = CHANNEL_HIGH_WATER_BYTES): Promise<void> {
+    while (this.socket.writableLength > highWater) {
+      if (!this.writable) throw this.failure('send');
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          this.socket.off('drain', done);
+          this.socket.off('close', done);
+          resolve();
+        };
+        this.socket.once('drain', done);
+        this.socket.once('close', done);
+      });
+    }
+    if (!this.writable) throw this.failure('send');
+  }
+
+  /** Wait until everything written has been handed to the kernel. */
+  flushed(): Promise<void> {
+    return this.drained(0);
+  }
+
+  failure(what: string, phase: MigrationPhase = 'precopy'): MigrationError {
+    const reason = this.#error?.message ?? 'the connection closed';
+    return new MigrationError(
+      MigrationErrorCode.CHANNEL,
+      phase,
+      `${this.kind} channel ${this.index}: ${what}: ${reason}`,
+      { cause: this.#error },
+    );
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
+
+/**
+ * What a reader does with an event: nothing more (undefined), or a promise to wait for before
+ * the next event (a barrier, a held buffer): the socket is paused meanwhile, which is the
+ * backpressure TCP carries back to the sender.
+ */
+export type EventHandler = (event: WireEvent) => void | Promise<void>;
+
+/**
+ * The receiving side of one stream: socket bytes through a FrameDecoder to a handler, one event
+ * at a time, pausing the socket while the handler waits. `done` settles when the stream ends at a
+ * frame boundary (resolves) or with the first error (rejects): a protocol violation, a truncated
+ * stream, a socket error, or a handler failure.
+ */
+export class FrameReader {
+  readonly socket: Socket;
+  readonly decoder: FrameDecoder;
+  readonly done: Promise<void>;
+  #handler: EventHandler;
+  readonly #describe: string;
+  #waiting = false;
+  #ended = false;
+  #settled = false;
+  #bytes = 0;
+  #resolve!: () => void;
+  #reject!: (err: unknown) => void;
+
+  constructor(
+    socket: Socket,
+    direction: WireDirection,
+    options: { describe: string; phase: () => MigrationPhase; handler: EventHandler },
+  ) {
+    this.socket = socket;
+    this.decoder = new FrameDecoder(direction, options.phase);
+    this.#handler = options.handler;
+    this.#describe = options.describe;
+    this.done = new Promise<void>((resolve, reject) => {
+      this.#resolve = resolve;
+      this.#reject = reject;
+    });
+    this.done.catch(() => undefined);
+    socket.on('data', (chunk: Buffer) => {
+      this.#bytes += chunk.length;
+      this.decoder.push(chunk);
+      this.#pump();
+    });
+    socket.on('end', () => {
+      this.#ended = true;
+      this.#pump();
+    });
+    socket.on('error', (err) => this.fail(this.#channelError(err.message, options.phase(), err)));
+    socket.on('close', () => {
+      if (!this.#ended) this.fail(this.#channelError('the connection closed', options.phase()));
+    });
+  }
+
+  /** Bytes read from the socket. */
+  get bytesRead(): number {
+    return this.#bytes;
+  }
+
+  /** Swap the handler (the first frame of a connection decides what it is). */
+  handleWith(handler: EventHandler): void {
+    this.#handler = handler;
+  }
+
+  /** Fail the reader (the first failure wins); the socket is destroyed. */
+  fail(err: unknown): void {
+    if (this.#settled) return;
+    this.#settled = true;
+    this.socket.destroy();
+    this.#reject(err);
+  }
+
+  #channelError(message: string, phase: MigrationPhase, cause?: unknown): MigrationError {
+    return new MigrationError(MigrationErrorCode.CHANNEL, phase, `${this.#describe}: ${message}`, { cause });
+  }
+
+  #pump(): void {
+    if (this.#settled || this.#waiting) return;
+    try {
+      for (;;) {
+        const event = this.decoder.next();
+        if (event === undefined) break;
+        const wait = this.#handler(event);
+        if (wait !== undefined) {
+          this.#waiting = true;
+          this.socket.pause();
+          wait.then(
+            () => {
+              this.#waiting = false;
+              if (!this.#settled) this.socket.resume();
+              this.#pump();
+            },
+            (err: unknown) => this.fail(err),
+          );
+          return;
+        }
+        if (this.#settled) return;
+      }
+      if (this.#ended) {
+        this.decoder.end();
+        this.#settled = true;
+        this.#resolve();
+      }
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+}

@@ -1,0 +1,827 @@
+import { randomUUID } from 'node:crypto';
+import { connect, type Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { SavingStream } from '../../kernel/vfio/mig-data-stream.js';
+import { Errno, type ErrnoName } from '../../uapi/errno.js';
+import { isErrno, VfioError } from '../../uapi/error.js';
+import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
+import type { Machine, MachineDevice } from '../machine/machine.js';
+import { FrameReader, SendChannel } from './channel.js';
+import { ConvergenceMeter } from './convergence.js';
+import { DeviceDirtyTracker } from './dirty-tracking.js';
+import {
+  acceptSchema,
+  describeVm,
+  errorFrameSchema,
+  type MainHello,
+  PROTOCOL_MAGIC,
+  PROTOCOL_VERSION,
+} from './handshake.js';
+import { asMigrationError, MigrationError, MigrationErrorCode } from './migration-error.js';
+import {
+  type DeviceMigrationStats,
+  emptyRamStats,
+  type MigrationEvent,
+  type MigrationInfo,
+  type MigrationPhase,
+  type MigrationStatus,
+} from './migration-info.js';
+import { type MigrationParameters, resolveMigrationParameters } from './migration-params.js';
+import { parseMigrationUri } from './migration-uri.js';
+import { RamSender } from './ram-sender.js';
+import {
+  DEVICE_STATE_CONFIG,
+  encodeDeviceFrame,
+  encodeDeviceState,
+  encodeEmptyFrame,
+  encodeJsonFrame,
+  encodeRamPlugged,
+  encodeU32Frame,
+  FrameType,
+  MAX_DEVICE_PACKET_BYTES,
+  RAM_PAGE_BYTES,
+  type WireEvent,
+} from './wire-format.js';
+
+export interface MigrateOptions {
+  /** Where the destination listens: `tcp:HOST:PORT`. */
+  uri: string;
+  params?: Partial<MigrationParameters>;
+  /** Aborting it cancels the migration (as migrate_cancel). */
+  signal?: AbortSignal;
+  /** How long to wait for the destination at each step of the protocol; default 30 s. */
+  peerTimeoutMs?: number;
+}
+
+/** One device's side of the migration. */
+interface SourceDevice {
+  index: number;
+  machine: MachineDevice;
+  flags: bigint;
+  stream: SavingStream | undefined;
+  stats: DeviceMigrationStats;
+  /** Initial bytes were all sent and INIT_DATA_SENT went out. */
+  initSent: boolean;
+}
+
+/** Time a precopy step may take before the loop yields and re-evaluates (QEMU's MAX_WAIT). */
+const STEP_MS = 50;
+
+/**
+ * The source side of a live migration (QEMU's migration thread with VFIO devices and multifd).
+ * `OutgoingMigration.start(machine, { uri })` connects, hands shakes, and runs setup, precopy
+ * iterations and switchover in the background; `done` resolves with the final MigrationInfo
+ * (status completed, failed or cancelled: it never rejects). Events (status changes, progress
+ * about every 100 ms, passes, device states, throttle) go to `onEvent` listeners.
+ *
+ * Before the hand-off any failure (or cancel) rolls back: devices back to RUNNING (a device that
+ * cannot get there is reset), dirty tracking off, throttle off, the VM running again if it was.
+ * The hand-off is two-phase: the destination says LOADED (it holds the whole state), the source
+ * commits (its VM becomes 'migrated', stopped for good) and sends HANDOFF; only then does the
+ * destination run the VM. So the VM runs on at most one host, and its state is always on one.
+ */
+export class OutgoingMigration {
+  readonly machine: Machine;
+  readonly params: MigrationParameters;
+  readonly done: Promise<MigrationInfo>;
+  readonly #uri: { host: string; port: number };
+  readonly #signal: AbortSignal | undefined;
+  readonly #peerTimeoutMs: number;
+  readonly #session = randomUUID();
+  readonly #listeners = new Set<(event: MigrationEvent) => void>();
+  readonly #startMs = performance.now();
+  readonly #devices: SourceDevice[];
+  #status: MigrationStatus = 'setup';
+  #phase: MigrationPhase = 'connect';
+  #endMs: number | undefined;
+  #setupTimeMs = 0;
+  #downtimeStartMs: number | undefined;
+  #downtimeMs: number | undefined;
+  #error: MigrationError | undefined;
+  #cancelled = false;
+  #main: SendChannel | undefined;
+  #returnPath: FrameReader | undefined;
+  #channels: SendChannel[] = [];
+  #ram: RamSender;
+  #tracker: DeviceDirtyTracker | undefined;
+  #meter: ConvergenceMeter;
+  #acked = false;
+  #round = 0;
+  #wasRunning = false;
+  #committed = false;
+  #ramStats;
+  #vfioBytes = 0;
+  /** Waiters for return-path messages, by frame type. */
+  readonly #rpWaiters = new Map<number, () => void>();
+  readonly #rpSeen = new Set<number>();
+  #peerFailure: MigrationError | undefined;
+  #abort: (err: MigrationError) => void = () => undefined;
+  readonly #aborted: Promise<never>;
+  #lastProgressMs = 0;
+  #channelPick = 0;
+
+  private constructor(machine: Machine, options: MigrateOptions) {
+    this.machine = machine;
+    this.params = resolveMigrationParameters(options.params);
+    this.#uri = parseMigrationUri(options.uri);
+    this.#signal = options.signal;
+    this.#peerTimeoutMs = options.peerTimeoutMs ?? 30_000;
+    this.#ram = new RamSender(machine.ram);
+    this.#meter = new ConvergenceMeter(this.params, this.#startMs);
+    this.#ramStats = emptyRamStats(machine.ram.totalBytes, RAM_PAGE_BYTES);
+    this.#devices = machine.devices.map((d, index) => ({
+      index,
+      machine: d,
+      flags: 0n,
+      stream: undefined,
+      initSent: false,
+      stats: {
+        name: d.name,
+        type: d.type,
+        state: migStateName(d.device.vfio.getMigDeviceState()),
+        precopyBytes: 0,
+        stopCopyBytes: 0,
+        packets: 0,
+        initialBytes: 0,
+        dirtyBytes: 0,
+      },
+    }));
+    this.#aborted = new Promise<never>((_resolve, reject) => {
+      this.#abort = reject;
+    });
+    this.#aborted.catch(() => undefined);
+    this.done = this.#run();
+  }
+
+  /**
+   * Start migrating a running VM. Bad parameters or URI throw ERR_INVALID_ARGUMENT here; a VM
+   * that is not running throws ERR_MIGRATION_VM_STATE; everything later ends up in `done`.
+   */
+  static start(machine: Machine, options: MigrateOptions): OutgoingMigration {
+    if (machine.state !== 'running') {
+      throw new MigrationError(
+        MigrationErrorCode.VM_STATE,
+        'setup',
+        `VM ${machine.name} is ${machine.state}; only a running VM migrates`,
+      );
+    }
+    return new OutgoingMigration(machine, options);
+  }
+
+  get status(): MigrationStatus {
+    return this.#status;
+  }
+
+  /** Hear every event; returns the function that stops it. */
+  onEvent(listener: (event: MigrationEvent) => void): () => void {
+    this.#listeners.add(listener);
+    return () => void this.#listeners.delete(listener);
+  }
+
+  /** Cancel (migrate_cancel): effective until the hand-off, ignored after. */
+  cancel(): void {
+    if (this.#committed || this.#cancelled || this.#endMs !== undefined) return;
+    this.#cancelled = true;
+    this.#setStatus('cancelling');
+    this.#abort(new MigrationError(MigrationErrorCode.CANCELLED, this.#phase, 'migration cancelled'));
+  }
+
+  /** query-migrate. */
+  query(): MigrationInfo {
+    const now = this.#endMs ?? performance.now();
+    const m = this.#meter;
+    return {
+      role: 'source',
+      vm: this.machine.name,
+      status: this.#status,
+      totalTimeMs: Math.round(now - this.#startMs),
+      setupTimeMs: Math.round(this.#setupTimeMs),
+      downtimeMs: this.#downtimeMs === undefined ? undefined : Math.round(this.#downtimeMs),
+      expectedDowntimeMs: this.#status === 'active' ? m.expectedDowntimeMs : undefined,
+      cpuThrottlePercentage: m.throttlePercent,
+      bandwidthBytesPerMs: Math.round(m.bandwidthBytesPerMs),
+      thresholdBytes: Math.round(m.thresholdBytes),
+      switchoverAcked: this.#acked,
+      ram: {
+        ...this.#ramStats,
+        remainingBytes: this.#ram.dirtyBytes,
+        dirtyPagesRate: m.dirtyPagesRate,
+        mbps: Math.round(m.mbps * 100) / 100,
+        pagesPerSecond: m.pagesPerSecond,
+      },
+      vfio: { transferredBytes: this.#vfioBytes },
+      devices: this.#devices.map((d) => ({ ...d.stats })),
+      channels: [this.#main, ...this.#channels]
+        .filter((c): c is SendChannel => c !== undefined)
+        .map((c) => ({ index: c.index, kind: c.kind, bytes: c.bytesSent })),
+      queuedBuffers: undefined,
+      error: this.#error?.info(),
+    };
+  }
+
+  // ---- the run ---------------------------------------------------------------------------------
+
+  async #run(): Promise<MigrationInfo> {
+    const onAbort = () => this.cancel();
+    this.#signal?.addEventListener('abort', onAbort);
+    if (this.#signal?.aborted) this.cancel();
+    this.#emit({ type: 'status', status: 'setup', info: this.query() });
+    try {
+      await this.#race(this.#connect());
+      await this.#race(this.#setup());
+      await this.#race(this.#precopy());
+      await this.#race(this.#switchover());
+      await this.#handOff();
+      this.#finish('completed');
+    } catch (err) {
+      const error = asMigrationError(err, this.#phase, undefined, MigrationErrorCode.DEVICE);
+      if (this.#committed) {
+        // After the commit nothing rolls back: the destination holds the VM (or will, on HANDOFF).
+        this.#error = error;
+        this.#cleanupAfterCommit();
+        this.#finish('failed');
+      } else {
+        this.#error = error;
+        await this.#rollback(error);
+        this.#finish(this.#cancelled ? 'cancelled' : 'failed');
+      }
+    } finally {
+      this.#signal?.removeEventListener('abort', onAbort);
+    }
+    return this.query();
+  }
+
+  /** Run a phase, but give up at once on cancel or a failure the destination reports. */
+  #race<T>(work: Promise<T>): Promise<T> {
+    work.catch(() => undefined);
+    return Promise.race([work, this.#aborted]);
+  }
+
+  async #connect(): Promise<void> {
+    this.#phase = 'connect';
+    const { host, port } = this.#uri;
+    const socket = await openSocket(host, port, this.#peerTimeoutMs);
+    this.#main = new SendChannel(0, socket);
+    this.#returnPath = new FrameReader(socket, 'to-source', {
+      describe: 'return path',
+      phase: () => this.#phase,
+      handler: (event) => this.#onReturnPath(event),
+    });
+    this.#returnPath.done.then(
+      () =>
+        this.#peerGone(
+          new MigrationError(
+            MigrationErrorCode.CHANNEL,
+            this.#phase,
+            'the destination closed the return path',
+          ),
+        ),
+      (err) => this.#peerGone(asMigrationError(err, this.#phase, undefined, MigrationErrorCode.CHANNEL)),
+    );
+    this.#phase = 'handshake';
+    const hello: MainHello = {
+      magic: PROTOCOL_MAGIC,
+      version: PROTOCOL_VERSION,
+      session: this.#session,
+      kind: 'main',
+      vm: this.machine.name,
+      channels: this.params.multifd ? this.params.multifdChannels : 0,
+      switchoverAck: this.params.switchoverAck,
+      config: describeVm(this.machine),
+    };
+    this.#main.send(encodeJsonFrame(FrameType.HELLO, hello));
+    await this.#waitReturn(FrameType.ACCEPT, 'the handshake');
+    if (this.params.multifd) {
+      const sockets = await Promise.all(
+        Array.from({ length: this.params.multifdChannels }, () =>
+          openSocket(host, port, this.#peerTimeoutMs),
+        ),
+      );
+      this.#channels = sockets.map((s, i) => {
+        const channel = new SendChannel(i + 1, s);
+        s.on('data', () => channel.close()); // a destination never writes on a multifd channel
+        channel.send(
+          encodeJsonFrame(FrameType.HELLO, {
+            magic: PROTOCOL_MAGIC,
+            version: PROTOCOL_VERSION,
+            session: this.#session,
+            kind: 'multifd',
+            channel: i + 1,
+          }),
+        );
+        return channel;
+      });
+    }
+  }
+
+  async #setup(): Promise<void> {
+    this.#phase = 'setup';
+    this.#wasRunning = true;
+    for (const d of this.#devices) {
+      d.flags = this.#device(d).getMigration().flags;
+      if ((d.flags & BigInt(MigFeature.PRE_COPY)) !== 0n) {
+        const fd = this.#setDeviceState(d, MigState.PRE_COPY);
+        if (!(fd instanceof SavingStream)) throw this.#deviceError(d, 'PRE_COPY returned no data stream');
+        d.stream = fd;
+        this.#refreshPrecopyInfo(d);
+      }
+    }
+    this.machine.ram.startDirtyLog();
+    this.#tracker = DeviceDirtyTracker.start(this.machine);
+    this.#ram.markAll();
+    for (const [index, block] of this.machine.ram.blocks.entries()) {
+      const discard = block.discard;
+      if (discard === undefined) continue;
+      const bitmap = new Uint8Array(Math.ceil(discard.blockCount / 8));
+      for (const b of discard.pluggedBlocks()) bitmap[b >>> 3]! |= 1 << (b & 7);
+      this.#main!.send(encodeRamPlugged(index, discard.blockCount), [bitmap]);
+    }
+    this.#setupTimeMs = performance.now() - this.#startMs;
+    this.#setStatus('active');
+  }
+
+  async #precopy(): Promise<void> {
+    this.#phase = 'precopy';
+    const dataChannels = this.#dataChannels();
+    for (;;) {
+      const deadline = performance.now() + STEP_MS;
+      await this.#sendDevicePrecopy(deadline);
+      const passEnded = await this.#sendRam(dataChannels, deadline, true);
+      this.#progress();
+      if (!passEnded) continue;
+      this.#round++;
+      for (const c of this.#channels) c.send(encodeU32Frame(FrameType.SYNC, this.#round));
+      const dirtyPages = this.#syncDirty();
+      const throttle = this.#meter.synced(performance.now(), dirtyPages, RAM_PAGE_BYTES);
+      if (throttle !== undefined) {
+        this.machine.vcpus?.setThrottle(throttle);
+        this.#emit({ type: 'throttle', percent: throttle });
+      }
+      this.#emit({
+        type: 'pass',
+        iteration: this.#ramStats.dirtySyncCount,
+        dirtyBytes: dirtyPages * RAM_PAGE_BYTES,
+      });
+      const pending = this.#ram.dirtyBytes + this.#devicePendingExact();
+      if (pending <= this.#meter.thresholdBytes && this.#canSwitchover()) return;
+      // Nothing left to send this round: wait for the devices and vCPUs to dirty more.
+      if (this.#ram.dirtyPages === 0 && !this.#devicesHavePrecopyData()) await sleep(5);
+      this.#ram.rewind();
+    }
+  }
+
+  async #switchover(): Promise<void> {
+    this.#phase = 'switchover';
+    this.#setStatus('device');
+    this.#downtimeStartMs = performance.now();
+    await this.machine.stop();
+    // Every device to its P2P state first, then all to STOP_COPY (QEMU's prepare + main handlers).
+    for (const d of this.#devices) {
+      if ((d.flags & BigInt(MigFeature.P2P)) === 0n) continue;
+      const state = this.#device(d).getMigDeviceState();
+      this.#setDeviceState(d, state === MigState.PRE_COPY ? MigState.PRE_COPY_P2P : MigState.RUNNING_P2P);
+    }
+    for (const d of this.#devices) {
+      const fd = this.#setDeviceState(d, MigState.STOP_COPY);
+      if (fd instanceof SavingStream) d.stream = fd;
+      if (d.stream === undefined) throw this.#deviceError(d, 'STOP_COPY returned no data stream');
+    }
+    this.#main!.send(encodeEmptyFrame(FrameType.SWITCHOVER));
+    this.#phase = 'stop-copy';
+    const dataChannels = this.#dataChannels();
+    // The last round of RAM goes first on every channel, closed by a SYNC, so no channel waits at
+    // the destination's barrier behind device state that waits for another channel.
+    this.#syncDirty();
+    this.#ram.rewind();
+    await this.#sendRam(dataChannels, Infinity, false);
+    this.#round++;
+    for (const c of this.#channels) c.send(encodeU32Frame(FrameType.SYNC, this.#round));
+    await Promise.all(this.#devices.map((d) => this.#sendDeviceState(d, dataChannels)));
+    for (const c of this.#channels) c.send(encodeU32Frame(FrameType.CHANNEL_END, c.framesSent));
+    this.#main!.send(encodeU32Frame(FrameType.COMPLETE, this.#round));
+    await Promise.all([this.#main!, ...this.#channels].map((c) => c.flushed()));
+    this.#phase = 'hand-off';
+    this.#progress(true);
+    await this.#waitReturn(FrameType.LOADED, 'the destination to load the state');
+  }
+
+  /** Commit: the VM is the destination's from here on. */
+  async #handOff(): Promise<void> {
+    this.#committed = true;
+    this.machine.markMigrated();
+    this.#main!.send(encodeEmptyFrame(FrameType.HANDOFF));
+    await this.#waitReturn(FrameType.RUNNING, 'the destination to run the VM');
+    this.#downtimeMs = performance.now() - this.#downtimeStartMs!;
+    this.#cleanupAfterCommit();
+  }
+
+  // ---- RAM and device data ---------------------------------------------------------------------
+
+  #dataChannels(): SendChannel[] {
+    return this.#channels.length > 0 ? this.#channels : [this.#main!];
+  }
+
+  /** A channel with room in its socket (least backlog first, round robin among equals). */
+  async #pickChannel(channels: SendChannel[]): Promise<SendChannel> {
+    for (;;) {
+      for (let i = 0; i < channels.length; i++) {
+        const c = channels[(this.#channelPick + i) % channels.length]!;
+        if (c.backlog < 1 << 20) {
+          this.#channelPick = (this.#channelPick + i + 1) % channels.length;
+          return c;
+        }
+      }
+      await Promise.race(channels.map((c) => c.drained(1 << 20)));
+    }
+  }
+
+  /** Send dirty pages until the pass ends (true) or the deadline passes (false). */
+  async #sendRam(channels: SendChannel[], deadline: number, live: boolean): Promise<boolean> {
+    for (;;) {
+      if (live) {
+        const now = performance.now();
+        if (now >= deadline) return false;
+        if (this.#meter.budgetLeft(now) <= 0) {
+          await sleep(Math.max(1, this.#meter.slotEndMs() - now));
+          continue;
+        }
+      }
+      const channel = await this.#pickChannel(channels);
+      const packet = this.#ram.nextPacket();
+      if (packet === undefined) return true;
+      channel.send(packet.header, packet.body);
+      const s = this.#ramStats;
+      s.transferredBytes += packet.bytes;
+      s.normalPages += packet.normalPages;
+      s.normalBytes += packet.normalPages * RAM_PAGE_BYTES;
+      s.duplicatePages += packet.zeroPages;
+      if (channel.kind === 'multifd') s.multifdBytes += packet.bytes;
+      if (live) s.precopyBytes += packet.bytes;
+      else s.downtimeBytes += packet.bytes;
+      this.#meter.sent(packet.bytes, packet.normalPages + packet.zeroPages);
+    }
+  }
+
+  /** Read what precopy devices have now (≤ 1 MiB per read) and send it on the main channel. */
+  async #sendDevicePrecopy(deadline: number): Promise<void> {
+    for (const d of this.#devices) {
+      const stream = d.stream;
+      if (stream === undefined) continue;
+      while (performance.now() < deadline && this.#meter.budgetLeft(performance.now()) > 0) {
+        await this.#main!.drained();
+        const buffer = new Uint8Array(MAX_DEVICE_PACKET_BYTES);
+        let n: number;
+        try {
+          n = stream.readInto(buffer);
+        } catch (err) {
+          if (isErrno(err, 'ENOMSG')) break; // nothing now
+          throw this.#deviceError(d, 'precopy read failed', err);
+        }
+        if (n === 0) break;
+        this.#main!.send(encodeDeviceFrame(FrameType.DEVICE_PRECOPY, d.index, n), [buffer.subarray(0, n)]);
+        d.stats.precopyBytes += n;
+        this.#vfioBytes += n;
+        this.#meter.sent(n);
+        this.#refreshPrecopyInfo(d);
+        if (!d.initSent && d.stats.initialBytes === 0) {
+          d.initSent = true;
+          this.#main!.send(encodeDeviceFrame(FrameType.INIT_DATA_SENT, d.index));
+        }
+      }
+    }
+  }
+
+  /** A device's whole stop-copy state, then its config state, as index-numbered packets over the channels. */
+  async #sendDeviceState(d: SourceDevice, channels: SendChannel[]): Promise<void> {
+    const stream = d.stream!;
+    let index = 0;
+    for (;;) {
+      const channel = await this.#pickChannel(channels);
+      const buffer = new Uint8Array(MAX_DEVICE_PACKET_BYTES);
+      let n: number;
+      try {
+        n = stream.readInto(buffer);
+      } catch (err) {
+        throw this.#deviceError(d, 'stop-copy read failed', err);
+      }
+      if (n === 0) break;
+      channel.send(encodeDeviceState(d.index, index++, 0, n), [buffer.subarray(0, n)]);
+      this.#countDeviceState(d, n);
+      // Let the other devices' readers and the sockets run between packets.
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    const config = this.machine.deviceConfigState(d.machine.name);
+    const channel = await this.#pickChannel(channels);
+    channel.send(encodeDeviceState(d.index, index, DEVICE_STATE_CONFIG, config.length), [config]);
+    this.#countDeviceState(d, config.length);
+  }
+
+  #countDeviceState(d: SourceDevice, n: number): void {
+    d.stats.stopCopyBytes += n;
+    d.stats.packets++;
+    this.#vfioBytes += n;
+    this.#meter.sent(n);
+  }
+
+  #syncDirty(): number {
+    this.#ram.syncDirtyLog();
+    this.#tracker?.sync((block, first, count) => this.#ram.markPages(block, first, count));
+    this.#ramStats.dirtySyncCount++;
+    return this.#ram.dirtyPages;
+  }
+
+  #refreshPrecopyInfo(d: SourceDevice): void {
+    if (d.stream === undefined) return;
+    try {
+      const info = d.stream.precopyInfo();
+      d.stats.initialBytes = Number(info.initialBytes);
+      d.stats.dirtyBytes = Number(info.dirtyBytes);
+    } catch (err) {
+      throw this.#deviceError(d, 'VFIO_MIG_GET_PRECOPY_INFO failed', err);
+    }
+  }
+
+  #devicesHavePrecopyData(): boolean {
+    return this.#devices.some((d) => d.stream !== undefined && d.stats.initialBytes + d.stats.dirtyBytes > 0);
+  }
+
+  /** Bytes the devices still need to send (MIG_DATA_SIZE: stop_copy_length, which includes precopy data). */
+  #devicePendingExact(): number {
+    let total = 0;
+    for (const d of this.#devices) {
+      try {
+        total += Number(this.#device(d).getMigDataSize());
+      } catch {
+        total += 100 * 2 ** 30; // QEMU: an unknown size must never meet the downtime limit by accident
+      }
+    }
+    return total;
+  }
+
+  #canSwitchover(): boolean {
+    return !this.params.switchoverAck || this.#acked;
+  }
+
+  // ---- return path -----------------------------------------------------------------------------
+
+  #onReturnPath(event: WireEvent): void {
+    if (event.kind !== 'frame') return;
+    const frame = event.frame;
+    switch (frame.type) {
+      case FrameType.ACCEPT: {
+        const accept = acceptSchema.safeParse(frame.json);
+        if (!accept.success || accept.data.session !== this.#session) {
+          throw new MigrationError(
+            MigrationErrorCode.PROTOCOL,
+            'handshake',
+            'the destination sent a bad ACCEPT',
+          );
+        }
+        break;
+      }
+      case FrameType.SWITCHOVER_ACK:
+        this.#acked = true;
+        break;
+      case FrameType.ERROR: {
+        const parsed = errorFrameSchema.safeParse(frame.json);
+        const e = parsed.success
+          ? parsed.data
+          : { code: MigrationErrorCode.PROTOCOL, phase: this.#phase, message: 'a malformed ERROR frame' };
+        const code = e.code === MigrationErrorCode.INCOMPATIBLE ? e.code : MigrationErrorCode.PEER;
+        const failure = new MigrationError(
+          code,
+          this.#phase,
+          `the destination failed in ${e.phase}: ${e.message}`,
+          {
+            ...(e.device === undefined ? {} : { device: e.device }),
+            ...(isErrnoName(e.errno) ? { errno: e.errno } : {}),
+          },
+        );
+        this.#peerGone(failure);
+        return;
+      }
+    }
+    this.#rpSeen.add(frame.type);
+    this.#rpWaiters.get(frame.type)?.();
+  }
+
+  #peerGone(err: MigrationError): void {
+    if (this.#peerFailure !== undefined) return;
+    this.#peerFailure = err;
+    for (const wake of this.#rpWaiters.values()) wake();
+    if (!this.#committed) this.#abort(err);
+  }
+
+  async #waitReturn(type: number, what: string): Promise<void> {
+    if (this.#rpSeen.has(type)) return;
+    if (this.#peerFailure) throw this.#peerFailure;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.#rpWaiters.set(type, resolve);
+        timer = setTimeout(
+          () =>
+            reject(
+              new MigrationError(
+                MigrationErrorCode.TIMEOUT,
+                this.#phase,
+                `no answer from the destination in ${this.#peerTimeoutMs} ms while waiting for ${what}`,
+              ),
+            ),
+          this.#peerTimeoutMs,
+        );
+      });
+    } finally {
+      clearTimeout(timer);
+      this.#rpWaiters.delete(type);
+    }
+    if (!this.#rpSeen.has(type) && this.#peerFailure) throw this.#peerFailure;
+  }
+
+  // ---- devices ---------------------------------------------------------------------------------
+
+  #device(d: SourceDevice) {
+    return d.machine.device.vfio;
+  }
+
+  #setDeviceState(d: SourceDevice, state: MigState) {
+    try {
+      return this.#device(d).setMigDeviceState(state);
+    } catch (err) {
+      throw this.#deviceError(d, `MIG_DEVICE_STATE SET ${migStateName(state)} failed`, err);
+    } finally {
+      this.#noteDeviceState(d);
+    }
+  }
+
+  #noteDeviceState(d: SourceDevice): void {
+    const state = migStateName(this.#device(d).getMigDeviceState());
+    if (state === d.stats.state) return;
+    d.stats.state = state;
+    this.#emit({ type: 'device-state', device: d.machine.name, state });
+  }
+
+  #deviceError(d: SourceDevice, message: string, cause?: unknown): MigrationError {
+    const detail = cause instanceof Error ? `: ${cause.message}` : '';
+    return new MigrationError(MigrationErrorCode.DEVICE, this.#phase, `${message}${detail}`, {
+      device: d.machine.name,
+      ...(cause instanceof VfioError && cause.errno !== undefined ? { errno: cause.errno } : {}),
+      cause,
+    });
+  }
+
+  // ---- ending ----------------------------------------------------------------------------------
+
+  /**
+   * Undo everything before the hand-off: the destination is told (ERROR) and cut off, devices go
+   * back to RUNNING (reset if they cannot: QEMU's set_state_or_reset), dirty tracking and the
+   * throttle stop, and the VM runs again if the migration had stopped it.
+   */
+  async #rollback(error: MigrationError): Promise<void> {
+    this.#phase = 'cleanup';
+    try {
+      if (this.#main?.writable) this.#main.send(encodeJsonFrame(FrameType.ERROR, errorFrame(error)));
+    } catch {
+      // the destination is gone already
+    }
+    this.#closeChannels();
+    this.#stopTracking();
+    for (const d of this.#devices) {
+      const vfio = this.#device(d);
+      d.stream = undefined;
+      if (vfio.getMigDeviceState() === MigState.RUNNING) continue;
+      try {
+        vfio.setMigDeviceState(MigState.RUNNING);
+      } catch {
+        try {
+          vfio.reset();
+        } catch {
+          // a device whose reset fails stays in ERROR; QEMU would abort here (hw_error)
+        }
+      }
+      this.#noteDeviceState(d);
+    }
+    try {
+      this.machine.vcpus?.setThrottle(0);
+    } catch {
+      // vCPUs gone (VM destroyed meanwhile)
+    }
+    this.#meter.throttlePercent = 0;
+    if (this.#wasRunning && this.machine.state === 'stopped') {
+      await this.machine.start().catch(() => undefined);
+    }
+  }
+
+  /** After the commit: devices STOP_COPY → STOP (QEMU's deferred save_cleanup), tracking off, channels closed. */
+  #cleanupAfterCommit(): void {
+    for (const d of this.#devices) {
+      d.stream = undefined;
+      try {
+        if (this.#device(d).getMigDeviceState() === MigState.STOP_COPY)
+          this.#device(d).setMigDeviceState(MigState.STOP);
+      } catch {
+        // the VM is the destination's now; a device that fails to stop is reset when destroyed
+      }
+      this.#noteDeviceState(d);
+    }
+    this.#stopTracking();
+    this.#closeChannels();
+  }
+
+  #stopTracking(): void {
+    try {
+      this.#tracker?.stop();
+    } catch {
+      // best effort: a device that fails to stop logging keeps logging until reset or close
+    }
+    this.#tracker = undefined;
+    if (this.machine.ram.dirtyLogActive) this.machine.ram.stopDirtyLog();
+  }
+
+  #closeChannels(): void {
+    for (const c of this.#channels) c.close();
+    this.#main?.close();
+  }
+
+  #finish(status: MigrationStatus): void {
+    this.#endMs = performance.now();
+    this.#setStatus(status);
+    this.#emit({ type: 'end', info: this.query() });
+  }
+
+  #setStatus(status: MigrationStatus): void {
+    if (this.#status === status) return;
+    this.#status = status;
+    this.#emit({ type: 'status', status, info: this.query() });
+  }
+
+  #progress(force = false): void {
+    const now = performance.now();
+    if (!force && now - this.#lastProgressMs < 100) return;
+    this.#lastProgressMs = now;
+    this.#emit({ type: 'progress', info: this.query() });
+  }
+
+  #emit(event: MigrationEvent): void {
+    for (const listener of this.#listeners) {
+      try {
+        listener(event);
+      } catch {
+        // a listener's failure is its own
+      }
+    }
+  }
+}
+
+function openSocket(host: string, port: number, timeoutMs: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host, port, noDelay: true });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(
+        new MigrationError(
+          MigrationErrorCode.TIMEOUT,
+          'connect',
+          `no connection to ${host}:${port} in ${timeoutMs} ms`,
+        ),
+      );
+    }, timeoutMs);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      resolve(socket);
+    });
+    socket.once('error', (err) => {
+      clearTimeout(timer);
+      reject(
+        new MigrationError(
+          MigrationErrorCode.CHANNEL,
+          'connect',
+          `cannot connect to ${host}:${port}: ${err.message}`,
+          {
+            cause: err,
+          },
+        ),
+      );
+    });
+  });
+}
+
+export function errorFrame(error: MigrationError): {
+  code: string;
+  phase: string;
+  message: string;
+  device?: string;
+  errno?: string;
+} {
+  return {
+    code: error.code,
+    phase: error.phase,
+    message: error.message.slice(0, 8192),
+    ...(error.device === undefined ? {} : { device: error.device }),
+    ...(error.errno === undefined ? {} : { errno: error.errno }),
+  };
+}
+
+function isErrnoName(value: string | undefined): value is ErrnoName {
+  return value !== undefined && Object.hasOwn(Errno, value);
+}
