@@ -1,4 +1,4 @@
-import { request } from 'node:http';
+import { type IncomingMessage, request } from 'node:http';
 import { z } from 'zod';
 import { isErrnoName } from '../../uapi/errno.js';
 import { VfioError } from '../../uapi/error.js';
@@ -11,7 +11,9 @@ import {
   type VmInfoWire,
   type VmSummaryWire,
 } from './control-protocol.js';
+import type { MigrationEvent, MigrationInfo } from '../migration/migration-info.js';
 import { HostErrorCode, hostError } from './host-errors.js';
+import type { IncomingAnswer, IncomingRequest, MigrateRequest } from './software-host.js';
 import { defaultSocketPath, formatAddress, type ListenAddress, unixAddress } from './listen-address.js';
 
 /** An error the host answered with (or the client's own: no host, a bad answer, a timeout). */
@@ -32,7 +34,98 @@ export class ControlError extends VfioError {
 
 const text = (max: number) => z.string().max(max);
 const count = z.number().nonnegative();
-const machineState = z.enum(['created', 'starting', 'running', 'stopped', 'failed', 'destroyed']);
+const machineState = z.enum([
+  'created',
+  'starting',
+  'running',
+  'stopped',
+  'incoming',
+  'migrated',
+  'failed',
+  'destroyed',
+]);
+const migrationStatus = z.enum([
+  'none',
+  'setup',
+  'active',
+  'device',
+  'completed',
+  'failed',
+  'cancelling',
+  'cancelled',
+]);
+const migrationInfoSchema = z.looseObject({
+  role: z.enum(['source', 'destination']),
+  vm: text(64),
+  status: migrationStatus,
+  totalTimeMs: count,
+  setupTimeMs: count,
+  downtimeMs: count.optional(),
+  expectedDowntimeMs: count.optional(),
+  cpuThrottlePercentage: count,
+  bandwidthBytesPerMs: count,
+  thresholdBytes: count,
+  switchoverAcked: z.boolean(),
+  queuedBuffers: z.looseObject({ bytes: count, peakBytes: count, capBytes: count }).optional(),
+  ram: z.looseObject({
+    transferredBytes: count,
+    remainingBytes: count,
+    totalBytes: count,
+    duplicatePages: count,
+    normalPages: count,
+    normalBytes: count,
+    dirtyPagesRate: count,
+    mbps: count,
+    dirtySyncCount: count,
+    pageSizeBytes: count,
+    multifdBytes: count,
+    pagesPerSecond: count,
+    precopyBytes: count,
+    downtimeBytes: count,
+  }),
+  vfio: z.looseObject({ transferredBytes: count }),
+  devices: z
+    .array(
+      z.looseObject({
+        name: text(64),
+        type: text(64),
+        state: text(32),
+        precopyBytes: count,
+        stopCopyBytes: count,
+        packets: count,
+        initialBytes: count,
+        dirtyBytes: count,
+      }),
+    )
+    .max(256),
+  channels: z
+    .array(z.looseObject({ index: count, kind: z.enum(['main', 'multifd']), bytes: count }))
+    .max(256),
+  error: z
+    .looseObject({
+      code: text(200),
+      message: text(64 * 1024),
+      phase: z.enum([
+        'connect',
+        'handshake',
+        'setup',
+        'precopy',
+        'switchover',
+        'stop-copy',
+        'load',
+        'hand-off',
+        'cleanup',
+      ]),
+      device: text(255).optional(),
+      errno: text(32).optional(),
+    })
+    .optional(),
+});
+const migrationEventSchema = z.looseObject({
+  type: z.enum(['status', 'progress', 'pass', 'device-state', 'throttle', 'end']),
+});
+/** Longest line of a migration event stream. */
+const MAX_EVENT_LINE_BYTES = 1 << 20;
 const errorShape = z.strictObject({
   code: text(200),
   message: text(64 * 1024),
@@ -201,6 +294,114 @@ export class ControlClient {
     ) as Promise<VmDigestWire>;
   }
 
+  /** Make a created VM wait for an incoming migration; answers with the URI to migrate to. */
+  async incoming(name: string, body: IncomingRequest, options?: CallOptions): Promise<IncomingAnswer> {
+    const answer = await this.#call(
+      'POST',
+      `${vmPath(name)}/incoming`,
+      body,
+      z.looseObject({
+        uri: text(300),
+        address: z.strictObject({ host: text(253), port: count }),
+        info: migrationInfoSchema,
+      }),
+      options,
+    );
+    return answer as unknown as IncomingAnswer;
+  }
+
+  /** Start migrating a running VM; answers at once (status 'setup'). */
+  async migrate(name: string, body: MigrateRequest, options?: CallOptions): Promise<MigrationInfo> {
+    return (await this.#call(
+      'POST',
+      `${vmPath(name)}/migrate`,
+      body,
+      migrationInfoSchema,
+      options,
+    )) as MigrationInfo;
+  }
+
+  /** query-migrate. */
+  async queryMigration(name: string, options?: CallOptions): Promise<MigrationInfo> {
+    return (await this.#call(
+      'GET',
+      `${vmPath(name)}/migration`,
+      undefined,
+      migrationInfoSchema,
+      options,
+    )) as MigrationInfo;
+  }
+
+  /** migrate_cancel. */
+  async cancelMigration(name: string, options?: CallOptions): Promise<MigrationInfo> {
+    return (await this.#call(
+      'POST',
+      `${vmPath(name)}/migration/cancel`,
+      undefined,
+      migrationInfoSchema,
+      options,
+    )) as MigrationInfo;
+  }
+
+  /**
+   * The VM's migration events as they happen, ending after the 'end' event. A line longer than
+   * 1 MiB or not an event is ERR_BAD_RESPONSE; no timeout applies (a migration takes its time).
+   */
+  async *migrationEvents(name: string, options: CallOptions = {}): AsyncGenerator<MigrationEvent> {
+    const path = `${vmPath(name)}/migration/events`;
+    const target =
+      this.address.kind === 'unix'
+        ? { socketPath: this.address.path }
+        : { host: this.address.host, port: this.address.port };
+    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+      const req = request({ ...target, method: 'GET', path, agent: false, signal: options.signal }, resolve);
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT' || err.code === 'ECONNREFUSED') {
+          reject(hostError(HostErrorCode.NO_HOST, `no host is listening on ${formatAddress(this.address)}`));
+        } else reject(err);
+      });
+      req.end();
+    });
+    if ((res.statusCode ?? 0) >= 400) {
+      const chunks: Buffer[] = [];
+      let bytes = 0;
+      for await (const chunk of res as AsyncIterable<Buffer>) {
+        bytes += chunk.length;
+        if (bytes > MAX_RESPONSE_BODY_BYTES) throw this.#badResponse('an oversized error');
+        chunks.push(chunk);
+      }
+      const parsed = errorBodySchema.safeParse(safeJson(Buffer.concat(chunks).toString('utf8')));
+      if (!parsed.success) throw this.#badResponse(`a ${res.statusCode} answer without a typed error`);
+      throw new ControlError(res.statusCode!, parsed.data.error as ErrorBody['error']);
+    }
+    let pending = '';
+    for await (const chunk of res as AsyncIterable<Buffer>) {
+      pending += chunk.toString('utf8');
+      if (pending.length > MAX_EVENT_LINE_BYTES && !pending.includes('\n')) {
+        res.destroy();
+        throw this.#badResponse('an event line longer than 1 MiB');
+      }
+      let newline: number;
+      while ((newline = pending.indexOf('\n')) >= 0) {
+        const line = pending.slice(0, newline);
+        pending = pending.slice(newline + 1);
+        if (line.length === 0) continue;
+        const parsed = migrationEventSchema.safeParse(safeJson(line));
+        if (!parsed.success) {
+          res.destroy();
+          throw this.#badResponse('a line that is not a migration event');
+        }
+        const event = parsed.data as unknown as MigrationEvent;
+        yield event;
+        if (event.type === 'end') {
+          res.destroy();
+          return;
+        }
+      }
+    }
+    throw this.#badResponse('an event stream that ended before the migration did');
+  }
+
   async destroyVm(name: string, options?: CallOptions): Promise<void> {
     await this.#call(
       'DELETE',
@@ -323,6 +524,14 @@ export class ControlClient {
       });
       req.end(payload);
     });
+  }
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
   }
 }
 

@@ -16,9 +16,15 @@ import { VmDefinitionError } from './vm-definition.js';
  *   POST   /vms/:name/stop        200 VmInfo
  *   GET    /vms/:name/digest      200 VmDigest
  *   DELETE /vms/:name             200 { name, destroyed: true }
+ *   POST   /vms/:name/incoming    200 IncomingAnswer  body: IncomingRequest { uri?, params?, autostart? }
+ *   POST   /vms/:name/migrate     202 MigrationInfo   body: MigrateRequest { uri, params? }
+ *   GET    /vms/:name/migration   200 MigrationInfo   (query-migrate; 404 ERR_NO_MIGRATION if none)
+ *   POST   /vms/:name/migration/cancel   200 MigrationInfo
+ *   GET    /vms/:name/migration/events   200 application/x-ndjson: one MigrationEvent per line,
+ *                                 the last one { type: 'end', info } (at once if it has ended)
  *
  * Request bodies are `application/json`, at most MAX_REQUEST_BODY_BYTES; POST routes other than
- * /vms take no body or `{}`. Errors are `{ "error": { code, message, errno?, target?, op?,
+ * /vms, incoming and migrate take no body or `{}`. Errors are `{ "error": { code, message, errno?, target?, op?,
  * details? } }` with the status of {@link httpStatusOf}. 64-bit values (bigint) are decimal
  * strings; absent optional fields are left out.
  */
@@ -104,6 +110,7 @@ const STATUS: Record<string, number> = {
   [HostErrorCode.FORBIDDEN]: 403,
   [HostErrorCode.VM_NOT_FOUND]: 404,
   [HostErrorCode.NO_ROUTE]: 404,
+  [HostErrorCode.NO_MIGRATION]: 404,
   [HostErrorCode.METHOD_NOT_ALLOWED]: 405,
   [HostErrorCode.VM_EXISTS]: 409,
   [HostErrorCode.VM_STATE]: 409,

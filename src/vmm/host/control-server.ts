@@ -27,14 +27,38 @@ type Method = 'GET' | 'POST' | 'DELETE';
 /** What a route takes as a body: a VM definition, or nothing (no body or `{}`). */
 type BodyKind = 'json' | 'none';
 
-interface Route {
+type Route = RouteBase &
+  (
+    | { run: (params: { name: string }, body: unknown) => Promise<[number, unknown]> | [number, unknown] }
+    /** A streaming route answers itself (NDJSON) instead of returning a value. */
+    | { stream: (params: { name: string }, req: IncomingMessage, res: ServerResponse) => void }
+  );
+
+interface RouteBase {
   method: Method;
   /** Path segments; ':name' is a VM name. */
   path: readonly string[];
   body: BodyKind;
   /** Errors of this route are a VM refusing to start (422) unless they are the host's own. */
   during?: 'start';
-  run: (params: { name: string }, body: unknown) => Promise<[number, unknown]> | [number, unknown];
+}
+
+const parameterValues = z.record(z.string().max(64), z.union([z.number(), z.boolean()]));
+const incomingBody = z.strictObject({
+  uri: z.string().max(300).optional(),
+  params: parameterValues.optional(),
+  autostart: z.boolean().optional(),
+});
+const migrateBody = z.strictObject({ uri: z.string().max(300), params: parameterValues.optional() });
+
+/** A request body checked against its schema: ERR_BAD_REQUEST naming the first issue. */
+function checked<S extends z.ZodType>(schema: S, body: unknown): z.output<S> {
+  const result = schema.safeParse(body ?? {});
+  if (!result.success) {
+    const issue = result.error.issues[0]!;
+    throw hostError(HostErrorCode.BAD_REQUEST, `${issue.path.join('.') || 'body'}: ${issue.message}`);
+  }
+  return result.data;
 }
 
 const emptyBody = z.strictObject({});
@@ -210,6 +234,56 @@ export class ControlServer {
         body: 'none',
         run: (p) => [200, host.digest(p.name)],
       },
+      {
+        method: 'POST',
+        path: ['vms', ':name', 'incoming'],
+        body: 'json',
+        during: 'start',
+        run: async (p, body) => {
+          const request = checked(incomingBody, body);
+          return [200, await host.incoming(p.name, request as Parameters<typeof host.incoming>[1])];
+        },
+      },
+      {
+        method: 'POST',
+        path: ['vms', ':name', 'migrate'],
+        body: 'json',
+        run: async (p, body) => {
+          const request = checked(migrateBody, body);
+          return [202, await host.migrate(p.name, request as Parameters<typeof host.migrate>[1])];
+        },
+      },
+      {
+        method: 'GET',
+        path: ['vms', ':name', 'migration'],
+        body: 'none',
+        run: (p) => [200, host.queryMigration(p.name)],
+      },
+      {
+        method: 'POST',
+        path: ['vms', ':name', 'migration', 'cancel'],
+        body: 'none',
+        run: (p) => [200, host.cancelMigration(p.name)],
+      },
+      {
+        method: 'GET',
+        path: ['vms', ':name', 'migration', 'events'],
+        body: 'none',
+        stream: (p, req, res) => {
+          // One JSON event per line until the migration's 'end' event (or the client leaves).
+          let stop: () => void = () => undefined;
+          const write = (event: unknown, last: boolean) => {
+            if (res.writableEnded) return;
+            if (!res.headersSent) {
+              res.writeHead(200, { 'Content-Type': 'application/x-ndjson', 'Cache-Control': 'no-store' });
+            }
+            res.write(`${toJson(event)}\n`);
+            if (last) res.end();
+          };
+          stop = host.watchMigration(p.name, (event) => write(event, event.type === 'end'));
+          req.on('close', () => stop());
+        },
+      },
     ];
   }
 
@@ -235,6 +309,10 @@ export class ControlServer {
       }
       if (route.path.includes(':name')) checkName(name);
       const body = await this.#readBody(req, res, route.body);
+      if ('stream' in route) {
+        route.stream({ name: name ?? '' }, req, res);
+        return;
+      }
       const [status, value] = await route.run({ name: name ?? '' }, body);
       send(res, status, toJson(value));
     } catch (err) {

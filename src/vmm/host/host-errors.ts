@@ -8,6 +8,8 @@ export const HostErrorCode = {
   VM_EXISTS: 'ERR_VM_EXISTS',
   /** The VM is not in a state the operation accepts (start a running VM, stop a created one, …). */
   VM_STATE: 'ERR_VM_STATE',
+  /** The VM has no migration to query or cancel. */
+  NO_MIGRATION: 'ERR_NO_MIGRATION',
   /** The host's budget (VM count, memory) does not take the VM. */
   HOST_LIMIT: 'ERR_HOST_LIMIT',
   /** The host is shutting down and takes no new work. */

@@ -3,6 +3,12 @@ import { Host, type HostOptions } from '../../kernel/host/host.js';
 import { invalidArgument, VfioError } from '../../uapi/error.js';
 import { Machine, type MachineState, type MachineStatus } from '../machine/machine.js';
 import type { MachineDefinition } from '../machine/machine-definition.js';
+import { IncomingMigration } from '../migration/destination.js';
+import type { MigrationEvent, MigrationInfo } from '../migration/migration-info.js';
+import { isFinalStatus } from '../migration/migration-info.js';
+import type { IncomingParameters, MigrationParameters } from '../migration/migration-params.js';
+import { formatMigrationUri } from '../migration/migration-uri.js';
+import { OutgoingMigration } from '../migration/source.js';
 import { HostErrorCode, hostError } from './host-errors.js';
 import { type HostLogger, silentLogger } from './logger.js';
 import { SAFE_NAME, SAFE_NAME_TEXT, parseVmDefinition, vmFootprintBytes } from './vm-definition.js';
@@ -81,6 +87,31 @@ interface Entry {
   /** Operations on the VM run one after the other, their state checks included. */
   queue: Promise<unknown>;
   destroying: boolean;
+  /** The VM's current or last migration (as source or destination). */
+  migration: OutgoingMigration | IncomingMigration | undefined;
+}
+
+/** What `POST /vms/:name/incoming` takes. */
+export interface IncomingRequest {
+  /** `tcp:HOST:PORT` to listen on; default `tcp:127.0.0.1:0`. */
+  uri?: string;
+  params?: Partial<IncomingParameters>;
+  /** Run the VM once handed off (default true); false leaves it stopped (QEMU's -S). */
+  autostart?: boolean;
+}
+
+/** What `POST /vms/:name/migrate` takes. */
+export interface MigrateRequest {
+  /** The destination's `tcp:HOST:PORT`. */
+  uri: string;
+  params?: Partial<MigrationParameters>;
+}
+
+export interface IncomingAnswer {
+  /** Where the destination listens, as `migrate` takes it. */
+  uri: string;
+  address: { host: string; port: number };
+  info: MigrationInfo;
 }
 
 /**
@@ -162,6 +193,7 @@ export class SoftwareHost {
       createdAt: new Date(),
       queue: Promise.resolve(),
       destroying: false,
+      migration: undefined,
     };
     this.#vms.set(name, entry);
     machine.onStateChange((state, error) => {
@@ -181,7 +213,13 @@ export class SoftwareHost {
    */
   start(name: string): Promise<VmInfo> {
     return this.#op(name, async (entry) => {
+      this.#notMigrating(entry, 'start');
       const state = entry.machine.state;
+      if (state === 'incoming' && entry.migration?.status === 'failed') {
+        // The hand-off never came but the state is loaded: the operator decides to run it here.
+        await entry.machine.finishIncoming({ autostart: true });
+        return this.#info(entry);
+      }
       if (state !== 'created' && state !== 'stopped') throw wrongState(name, state, 'start');
       await entry.machine.start();
       return this.#info(entry);
@@ -193,6 +231,7 @@ export class SoftwareHost {
     return this.#op(name, async (entry) => {
       const state = entry.machine.state;
       if (state === 'stopped') return this.#info(entry);
+      this.#notMigrating(entry, 'stop');
       if (state !== 'running') throw wrongState(name, state, 'stop');
       await entry.machine.stop();
       return this.#info(entry);
@@ -211,6 +250,69 @@ export class SoftwareHost {
     const run = entry.queue.then(() => this.#destroy(name, entry));
     entry.queue = run.catch(() => undefined);
     return run;
+  }
+
+  /**
+   * Make a created VM the destination of a migration: it comes up 'incoming' and listens. Resolves
+   * once it listens, with the address to give the source; the migration goes on in the background.
+   */
+  incoming(name: string, request: IncomingRequest = {}): Promise<IncomingAnswer> {
+    return this.#op(name, async (entry) => {
+      this.#notMigrating(entry, 'take a migration into');
+      const state = entry.machine.state;
+      if (state !== 'created') throw wrongState(name, state, 'take a migration into');
+      const incoming = await IncomingMigration.listen(entry.machine, {
+        ...(request.uri === undefined ? {} : { uri: request.uri }),
+        ...(request.params === undefined ? {} : { params: request.params }),
+        ...(request.autostart === undefined ? {} : { autostart: request.autostart }),
+      });
+      this.#track(name, entry, incoming);
+      return { uri: formatMigrationUri(incoming.address), address: incoming.address, info: incoming.query() };
+    });
+  }
+
+  /** Start migrating a running VM to `request.uri`; resolves at once with the 'setup' status. */
+  migrate(name: string, request: MigrateRequest): Promise<MigrationInfo> {
+    return this.#op(name, (entry) => {
+      this.#notMigrating(entry, 'migrate');
+      const state = entry.machine.state;
+      if (state !== 'running') throw wrongState(name, state, 'migrate');
+      const migration = OutgoingMigration.start(entry.machine, {
+        uri: request.uri,
+        ...(request.params === undefined ? {} : { params: request.params }),
+      });
+      this.#track(name, entry, migration);
+      return Promise.resolve(migration.query());
+    });
+  }
+
+  /** query-migrate: the VM's current or last migration. */
+  queryMigration(name: string): MigrationInfo {
+    return this.#migration(name).query();
+  }
+
+  /** migrate_cancel (before the hand-off); answers with the status now ('cancelling', or final). */
+  cancelMigration(name: string): MigrationInfo {
+    const migration = this.#migration(name);
+    migration.cancel();
+    return migration.query();
+  }
+
+  /**
+   * Hear the VM's migration events; `listener` gets the final 'end' event and is then dropped (at
+   * once, if the migration has ended already). Returns the function that stops listening.
+   */
+  watchMigration(name: string, listener: (event: MigrationEvent) => void): () => void {
+    const migration = this.#migration(name);
+    if (isFinalStatus(migration.status)) {
+      listener({ type: 'end', info: migration.query() });
+      return () => undefined;
+    }
+    const stop = migration.onEvent((event) => {
+      listener(event);
+      if (event.type === 'end') stop();
+    });
+    return stop;
   }
 
   status(name: string): VmInfo {
@@ -310,11 +412,49 @@ export class SoftwareHost {
   }
 
   async #destroy(name: string, entry: Entry): Promise<void> {
+    const migration = entry.migration;
+    if (migration !== undefined && !isFinalStatus(migration.status)) {
+      migration.cancel();
+      await migration.done;
+    }
     try {
       await entry.machine.destroy();
     } finally {
       if (this.#vms.get(name) === entry) this.#vms.delete(name);
     }
+  }
+
+  #migration(name: string): OutgoingMigration | IncomingMigration {
+    const migration = this.#entry(name).migration;
+    if (migration === undefined) {
+      throw hostError(HostErrorCode.NO_MIGRATION, `VM ${name} has not migrated on host ${this.name}`);
+    }
+    return migration;
+  }
+
+  #notMigrating(entry: Entry, op: string): void {
+    const migration = entry.migration;
+    if (migration !== undefined && !isFinalStatus(migration.status)) {
+      throw wrongState(entry.machine.name, `migrating (${migration.status})`, op);
+    }
+  }
+
+  #track(name: string, entry: Entry, migration: OutgoingMigration | IncomingMigration): void {
+    entry.migration = migration;
+    const role = migration instanceof OutgoingMigration ? 'outgoing' : 'incoming';
+    migration.onEvent((event) => {
+      if (event.type === 'status')
+        this.#logger.info(`VM ${name}: ${role} migration ${event.status}`, { vm: name });
+      if (event.type === 'end' && event.info.error !== undefined) {
+        this.#logger.error(
+          `VM ${name}: ${role} migration ${event.info.status}: ${event.info.error.message}`,
+          {
+            vm: name,
+            code: event.info.error.code,
+          },
+        );
+      }
+    });
   }
 
   #info(entry: Entry): VmInfo {

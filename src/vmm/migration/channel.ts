@@ -17,6 +17,7 @@ export class SendChannel {
   #bytes = 0;
   #frames = 0;
   #error: Error | undefined;
+  readonly #drainWaiters = new Set<() => void>();
 
   constructor(index: number, socket: Socket) {
     this.index = index;
@@ -24,6 +25,22 @@ export class SendChannel {
     socket.on('error', (err) => {
       this.#error ??= err;
     });
+    // One listener each, whatever the number of waiters (a waiter per packet would pile up).
+    const wake = () => {
+      for (const waiter of [...this.#drainWaiters]) waiter();
+    };
+    socket.on('drain', wake);
+    socket.on('close', wake);
+  }
+
+  /** Call `waiter` at the next drain (or close) of the socket; returns the function that cancels it. */
+  onDrain(waiter: () => void): () => void {
+    const once = () => {
+      this.#drainWaiters.delete(once);
+      waiter();
+    };
+    this.#drainWaiters.add(once);
+    return () => void this.#drainWaiters.delete(once);
   }
 
   get kind(): 'main' | 'multifd' {
@@ -67,15 +84,7 @@ export class SendChannel {
   async drained(highWater = CHANNEL_HIGH_WATER_BYTES): Promise<void> {
     while (this.socket.writableLength > highWater) {
       if (!this.writable) throw this.failure('send');
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          this.socket.off('drain', done);
-          this.socket.off('close', done);
-          resolve();
-        };
-        this.socket.once('drain', done);
-        this.socket.once('close', done);
-      });
+      await new Promise<void>((resolve) => this.onDrain(resolve));
     }
     if (!this.writable) throw this.failure('send');
   }
@@ -98,6 +107,18 @@ export class SendChannel {
   close(): void {
     this.socket.destroy();
   }
+}
+
+/** Resolves when any of `channels` drains (or closes). */
+export function anyDrained(channels: readonly SendChannel[]): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const cancels = channels.map((c) =>
+      c.onDrain(() => {
+        for (const cancel of cancels) cancel();
+        resolve();
+      }),
+    );
+  });
 }
 
 /**

@@ -2,11 +2,11 @@ import { randomUUID } from 'node:crypto';
 import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { SavingStream } from '../../kernel/vfio/mig-data-stream.js';
-import { Errno, type ErrnoName } from '../../uapi/errno.js';
+import { isErrnoName } from '../../uapi/errno.js';
 import { isErrno, VfioError } from '../../uapi/error.js';
 import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import type { Machine, MachineDevice } from '../machine/machine.js';
-import { FrameReader, SendChannel } from './channel.js';
+import { anyDrained, FrameReader, SendChannel } from './channel.js';
 import { ConvergenceMeter } from './convergence.js';
 import { DeviceDirtyTracker } from './dirty-tracking.js';
 import {
@@ -431,7 +431,8 @@ export class OutgoingMigration {
           return c;
         }
       }
-      await Promise.race(channels.map((c) => c.drained(1 << 20)));
+      for (const c of channels) if (!c.writable) throw c.failure('send', this.#phase);
+      await anyDrained(channels);
     }
   }
 
@@ -594,7 +595,7 @@ export class OutgoingMigration {
           `the destination failed in ${e.phase}: ${e.message}`,
           {
             ...(e.device === undefined ? {} : { device: e.device }),
-            ...(isErrnoName(e.errno) ? { errno: e.errno } : {}),
+            ...(e.errno !== undefined && isErrnoName(e.errno) ? { errno: e.errno } : {}),
           },
         );
         this.#peerGone(failure);
@@ -820,8 +821,4 @@ export function errorFrame(error: MigrationError): {
     ...(error.device === undefined ? {} : { device: error.device }),
     ...(error.errno === undefined ? {} : { errno: error.errno }),
   };
-}
-
-function isErrnoName(value: string | undefined): value is ErrnoName {
-  return value !== undefined && Object.hasOwn(Errno, value);
 }
