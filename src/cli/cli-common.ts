@@ -1,4 +1,4 @@
-import { InvalidArgumentError } from 'commander';
+import { type Command, InvalidArgumentError } from 'commander';
 import { HostErrorCode } from '../vmm/host/host-errors.js';
 import { ControlError } from '../vmm/host/control-client.js';
 import { errorBody, toJson } from '../vmm/host/control-protocol.js';
@@ -49,6 +49,14 @@ export interface TargetOptions {
   host?: string;
   socket?: string;
   connect?: string;
+}
+
+/** The options that name a command's host (see targetAddress). */
+export function hostTargetOptions(cmd: Command): Command {
+  return cmd
+    .option('--host <name>', 'the host named NAME, on its default socket (default: "default")', safeName)
+    .option('--socket <path>', 'the host listening on this UNIX socket')
+    .option('--connect <host:port>', 'the host listening on this loopback TCP address');
 }
 
 /** The control address the options name; a usage error (VfioError) when they do not name one. */

@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { ConformExit, type CommandIo, conformCommand } from './conform-command.js';
+import { registerDemoCommand } from './demo-command.js';
 import { processSignals, registerHostCommand } from './host-command.js';
+import { type MigrationIo, registerMigrationCommands } from './migrate-command.js';
 import { registerVmCommands } from './vm-command.js';
 
 /** `softvfio`: a thin shell; each command is a library call plus output. */
@@ -42,6 +44,14 @@ async function main(argv: readonly string[]): Promise<number> {
     });
   registerHostCommand(program, { ...io, onSignals: processSignals }, setExit);
   registerVmCommands(program, io, setExit);
+  const migrationIo: MigrationIo = {
+    ...io,
+    onSignals: processSignals,
+    isTTY: process.stderr.isTTY === true,
+    progressStream: process.stderr,
+  };
+  registerMigrationCommands(program, migrationIo, setExit);
+  registerDemoCommand(program, migrationIo, setExit);
   try {
     await program.parseAsync(argv, { from: 'user' });
   } catch (error) {

@@ -5,7 +5,14 @@ import { VfioError } from '../uapi/error.js';
 import { ControlClient } from '../vmm/host/control-client.js';
 import { MAX_REQUEST_BODY_BYTES, toJson } from '../vmm/host/control-protocol.js';
 import { parseVmDefinition } from '../vmm/host/vm-definition.js';
-import { Exit, reportError, safeName, type TargetOptions, targetAddress } from './cli-common.js';
+import {
+  Exit,
+  hostTargetOptions,
+  reportError,
+  safeName,
+  type TargetOptions,
+  targetAddress,
+} from './cli-common.js';
 import type { CommandIo } from './conform-command.js';
 import { renderDigest, renderVmInfo, renderVmList } from './vm-output.js';
 
@@ -125,11 +132,7 @@ export function vmCommand(
 }
 
 function targetOptions(cmd: Command): Command {
-  return cmd
-    .option('--host <name>', 'the host named NAME, on its default socket (default: "default")', safeName)
-    .option('--socket <path>', 'the host listening on this UNIX socket')
-    .option('--connect <host:port>', 'the host listening on this loopback TCP address')
-    .option('--json', 'print JSON instead of tables');
+  return hostTargetOptions(cmd).option('--json', 'print JSON instead of tables');
 }
 
 export function registerVmCommands(program: Command, io: CommandIo, setExit: (code: number) => void): void {
