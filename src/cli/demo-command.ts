@@ -11,7 +11,6 @@ import type { MigrationInfo } from '../vmm/migration/migration-info.js';
 import { type MigrationParameters, resolveMigrationParameters } from '../vmm/migration/migration-params.js';
 import { Exit, reportError } from './cli-common.js';
 import { type DemoHost, spawnDemoHost } from './demo-hosts.js';
-import { migrationUri } from './migration-api.js';
 import { followMigration, type MigrationIo, watchSignals } from './migrate-command.js';
 import { progressView, renderMigrationSummary, silentView, transferredBytes } from './migration-output.js';
 
@@ -184,8 +183,12 @@ async function migrateAndVerify(
   await sleep(deps.warmupMs ?? 1000, undefined, { signal: signals.cancel }).catch(() => {});
   interrupted();
 
-  const { address } = await destination.api.incoming(DEMO_VM, { listen: '127.0.0.1:0' });
-  const uri = migrationUri(address);
+  // Paused after the hand-off (QEMU -S): the digests are compared before the destination runs.
+  const { uri } = await destination.api.incoming(DEMO_VM, {
+    uri: 'tcp:127.0.0.1:0',
+    autostart: false,
+    prealloc: true,
+  });
   // Followed from before the migration starts, so that no event is missed; stopped (then asked
   // once) if it has not ended a while after the source.
   const stopDestination = new AbortController();
@@ -225,10 +228,9 @@ async function migrateAndVerify(
       source.api.vmStatus(DEMO_VM),
       destination.api.vmStatus(DEMO_VM),
     ]);
-    check('source VM stopped', onSource.state === 'stopped', onSource.state);
-    check('destination VM running', onDestination.state === 'running', onDestination.state);
-    // Stopped, the destination's RAM and devices hold still and must equal the source's.
-    if (onDestination.state === 'running') await destination.api.stopVm(DEMO_VM);
+    check('source VM migrated (stopped for good)', onSource.state === 'migrated', onSource.state);
+    check('destination VM loaded and stopped', onDestination.state === 'stopped', onDestination.state);
+    // Both hold still: the destination's RAM and devices must equal the source's.
     const [a, b] = await Promise.all([source.api.vmDigest(DEMO_VM), destination.api.vmDigest(DEMO_VM)]);
     digest.source = a.digest;
     digest.destination = b.digest;
@@ -237,7 +239,8 @@ async function migrateAndVerify(
       a.digest === b.digest,
       a.digest === b.digest ? a.digest : `${a.digest} on the source, ${b.digest} on the destination`,
     );
-    if (options.keep && onDestination.state === 'running') await destination.api.startVm(DEMO_VM);
+    const started = await destination.api.startVm(DEMO_VM);
+    check('destination VM runs', started.state === 'running', started.state);
   }
   return {
     verified: checks.every((c) => c.ok),

@@ -19,7 +19,8 @@ import {
   targetAddress,
 } from './cli-common.js';
 import type { HostCommandIo } from './host-command.js';
-import { connectHost, type MigrationHostApi, migrationUri } from './migration-api.js';
+import { parseMigrationUri } from '../vmm/migration/migration-uri.js';
+import { connectHost, type MigrationHostApi } from './migration-api.js';
 import {
   jsonLinesView,
   type MigrationView,
@@ -37,26 +38,21 @@ export interface MigrationIo extends HostCommandIo {
 
 export const DEFAULT_INCOMING_LISTEN = '127.0.0.1:0';
 
-const HOST_PORT = /^(?:\[([0-9A-Fa-f:.]{2,45})\]|([A-Za-z0-9][A-Za-z0-9.-]{0,252})):(\d{1,5})$/;
-
-/** `HOST:PORT` or `[IPv6]:PORT`, PORT from `minPort` to 65535. */
-function parseHostPort(text: string, minPort: number): { host: string; port: number } | undefined {
-  const m = HOST_PORT.exec(text);
-  const port = Number(m?.[3]);
-  return m && port >= minPort && port <= 65535 ? { host: m[1] ?? m[2]!, port } : undefined;
-}
-
 /** `--listen`: where the destination waits, `HOST:PORT` (port 0: any free port). */
 export function listenOption(value: string): string {
-  if (parseHostPort(value, 0) === undefined) {
-    throw new InvalidArgumentError('expected HOST:PORT, such as 127.0.0.1:0 or [::1]:4444 (PORT 0-65535)');
+  try {
+    parseMigrationUri(`tcp:${value}`, { allowPortZero: true });
+  } catch {
+    throw new InvalidArgumentError('expected HOST:PORT, such as 127.0.0.1:0 (PORT 0-65535)');
   }
   return value;
 }
 
 /** `--to`: the URI `incoming` printed, `tcp:HOST:PORT`. */
 export function migrationUriOption(value: string): string {
-  if (!value.startsWith('tcp:') || parseHostPort(value.slice(4), 1) === undefined) {
+  try {
+    parseMigrationUri(value);
+  } catch {
     throw new InvalidArgumentError('expected tcp:HOST:PORT, as printed by softvfio incoming (PORT 1-65535)');
   }
   return value;
@@ -203,6 +199,8 @@ export interface IncomingOptions extends TargetOptions {
   param?: string[];
   json?: boolean;
   wait?: boolean;
+  /** Leave the VM stopped after the hand-off (QEMU's -S); `vm start` runs it. */
+  paused?: boolean;
 }
 
 export interface MigrateOptions extends TargetOptions {
@@ -279,11 +277,11 @@ export function incomingCommand(
   const jsonLines = json || (wait && !io.isTTY);
   return startAndFollow('incoming', api, options.vm, io, { json, jsonLines, follow: wait }, async () => {
     const params = parseIncomingSettings(options.param ?? []);
-    const { address, info } = await api.incoming(options.vm, {
-      listen: options.listen ?? DEFAULT_INCOMING_LISTEN,
+    const { uri, info } = await api.incoming(options.vm, {
+      uri: `tcp:${options.listen ?? DEFAULT_INCOMING_LISTEN}`,
       params,
+      ...(options.paused ? { autostart: false } : {}),
     });
-    const uri = migrationUri(address);
     io.out(jsonLines ? toJson({ event: 'incoming', vm: options.vm, uri, info }) : uri);
   });
 }
@@ -339,6 +337,10 @@ export function registerMigrationCommands(
         'where to listen for the migration',
         listenOption,
         DEFAULT_INCOMING_LISTEN,
+      )
+      .option(
+        '--paused',
+        'leave the VM stopped after the hand-off (QEMU -S); start it with softvfio vm start',
       )
       .option(
         '-p, --param <name=value>',

@@ -40,8 +40,8 @@ function world(scenario: Scenario = {}) {
   const end = scenario.end ?? completedInfo({ vm: VM });
   const finish = (info: MigrationInfo) => {
     const ok = info.status === 'completed';
-    source.vms.get(VM)!.state = ok ? 'stopped' : 'running';
-    destination.vms.get(VM)!.state = ok ? 'running' : 'created';
+    source.vms.get(VM)!.state = ok ? 'migrated' : 'running';
+    destination.vms.get(VM)!.state = ok ? 'stopped' : 'created';
     source.vms.get(VM)!.digest = 'c'.repeat(64);
     destination.vms.get(VM)!.digest = (scenario.mismatch ? 'd' : 'c').repeat(64);
     source.events.push({ type: 'status', status: info.status, info }, { type: 'end', info });
@@ -118,10 +118,14 @@ describe('softvfio demo, with fake hosts', () => {
       `events ${VM}`,
     ]);
     assert.deepEqual(w.destination.calls.slice(0, 3), [`create ${VM}`, `incoming ${VM}`, `events ${VM}`]);
-    assert.ok(
-      w.destination.calls.includes(`stop ${VM}`),
-      'the destination is stopped before its digest is taken',
+    assert.deepEqual(
+      (w.destination.incomingBody as { autostart?: boolean }).autostart,
+      false,
+      'the destination stays stopped after the hand-off, so its digest is taken before it runs',
     );
+    const calls = w.destination.calls;
+    assert.ok(calls.indexOf(`digest ${VM}`) < calls.indexOf(`start ${VM}`), 'digest first, then start');
+    assert.ok(!calls.includes(`stop ${VM}`));
     assert.deepEqual(w.source.migrateBody, {
       uri: 'tcp:127.0.0.1:4444',
       params: { downtimeLimitMs: 300, maxBandwidthBytesPerSec: 0, multifdChannels: 2 },

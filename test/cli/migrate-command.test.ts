@@ -227,7 +227,7 @@ describe('softvfio incoming', () => {
     const io = fakeIo(true);
     assert.equal(await incomingCommand(host, { vm: 'vm1' }, io), 0);
     assert.deepEqual(io.stdout, ['tcp:127.0.0.1:4444']);
-    assert.deepEqual(host.incomingBody, { listen: '127.0.0.1:0', params: {} });
+    assert.deepEqual(host.incomingBody, { uri: 'tcp:127.0.0.1:0', params: {} });
 
     const json = fakeIo();
     const code = await incomingCommand(
@@ -242,7 +242,7 @@ describe('softvfio incoming', () => {
     );
     assert.equal(code, 0);
     assert.deepEqual(host.incomingBody, {
-      listen: '127.0.0.1:7000',
+      uri: 'tcp:127.0.0.1:7000',
       params: { maxQueuedBuffersBytes: 128 * 2 ** 20 },
     });
     const [line] = jsonLines(json);
@@ -293,7 +293,6 @@ describe('softvfio incoming', () => {
 describe('option values', () => {
   test('--to takes tcp:HOST:PORT, --listen HOST:PORT', () => {
     assert.equal(migrationUriOption('tcp:127.0.0.1:4444'), 'tcp:127.0.0.1:4444');
-    assert.equal(migrationUriOption('tcp:[::1]:1'), 'tcp:[::1]:1');
     assert.equal(migrationUriOption('tcp:dst.example:65535'), 'tcp:dst.example:65535');
     for (const bad of [
       '127.0.0.1:4444',
@@ -306,7 +305,6 @@ describe('option values', () => {
       assert.throws(() => migrationUriOption(bad), InvalidArgumentError, bad);
     }
     assert.equal(listenOption('127.0.0.1:0'), '127.0.0.1:0');
-    assert.equal(listenOption('[::1]:4444'), '[::1]:4444');
     for (const bad of ['', '127.0.0.1', 'tcp:127.0.0.1:0', ':80', 'h:99999']) {
       assert.throws(() => listenOption(bad), InvalidArgumentError, bad);
     }

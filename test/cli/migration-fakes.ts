@@ -4,6 +4,7 @@ import type { VmDigestWire, VmInfoWire } from '../../src/vmm/host/control-protoc
 import type { CommandIo } from '../../src/cli/conform-command.js';
 import type { DemoHostApi } from '../../src/cli/migration-api.js';
 import type { MigrationIo } from '../../src/cli/migrate-command.js';
+import type { IncomingRequest } from '../../src/vmm/host/software-host.js';
 import {
   emptyRamStats,
   type MigrationEvent,
@@ -178,12 +179,13 @@ export class FakeHost implements DemoHostApi {
     return entry;
   }
 
-  async incoming(vm: string, body: { listen?: string }) {
+  async incoming(vm: string, body: IncomingRequest) {
     this.calls.push(`incoming ${vm}`);
     this.incomingBody = body;
     this.#vm(vm);
     this.info = fakeInfo('setup', { role: 'destination', vm });
-    return { address: { host: '127.0.0.1', port: this.listenPort }, info: this.info };
+    const address = { host: '127.0.0.1', port: this.listenPort };
+    return { uri: `tcp:127.0.0.1:${this.listenPort}`, address, info: this.info };
   }
 
   async migrate(vm: string, body: { uri: string }) {
@@ -238,6 +240,7 @@ export class FakeHost implements DemoHostApi {
   }
 
   async vmDigest(name: string): Promise<VmDigestWire> {
+    this.calls.push(`digest ${name}`);
     const { state, digest } = this.#vm(name);
     return { name, state, digest, bytesDirtied: 0 };
   }

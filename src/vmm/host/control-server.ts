@@ -48,6 +48,7 @@ const incomingBody = z.strictObject({
   uri: z.string().max(300).optional(),
   params: parameterValues.optional(),
   autostart: z.boolean().optional(),
+  prealloc: z.boolean().optional(),
 });
 const migrateBody = z.strictObject({ uri: z.string().max(300), params: parameterValues.optional() });
 

@@ -98,6 +98,8 @@ export interface IncomingRequest {
   params?: Partial<IncomingParameters>;
   /** Run the VM once handed off (default true); false leaves it stopped (QEMU's -S). */
   autostart?: boolean;
+  /** Touch guest RAM before listening (QEMU's prealloc=on); default false. */
+  prealloc?: boolean;
 }
 
 /** What `POST /vms/:name/migrate` takes. */
@@ -265,6 +267,7 @@ export class SoftwareHost {
         ...(request.uri === undefined ? {} : { uri: request.uri }),
         ...(request.params === undefined ? {} : { params: request.params }),
         ...(request.autostart === undefined ? {} : { autostart: request.autostart }),
+        ...(request.prealloc === undefined ? {} : { prealloc: request.prealloc }),
       });
       this.#track(name, entry, incoming);
       return { uri: formatMigrationUri(incoming.address), address: incoming.address, info: incoming.query() };
