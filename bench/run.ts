@@ -6,6 +6,7 @@ import { type BenchResult, machineLine, toMarkdown } from './report.js';
 import { benchTransitions } from './transitions.js';
 import { benchVmmDirty, vmmDirtyResult } from './vmm-dirty.js';
 import { benchVmmDma } from './vmm-dma.js';
+import { migrationResults } from './migration.js';
 
 const f2 = (n: number) => n.toFixed(2);
 
@@ -78,26 +79,36 @@ async function iommufdMap(): Promise<BenchResult> {
 }
 
 /** `npm run bench`: every benchmark in turn, results printed and written to docs/BENCHMARKS.md. */
-const benchmarks: (() => Promise<BenchResult>)[] = [
-  benchTransitions,
-  deviceSaveLoad,
-  iommufdMap,
-  benchIommufdTranslate,
-  async () => vmmDirtyResult(await benchVmmDirty()),
-  benchVmmDma,
-];
+const benchmarks: Record<string, () => Promise<BenchResult[]>> = {
+  transitions: async () => [await benchTransitions()],
+  'device-save-load': async () => [await deviceSaveLoad()],
+  'iommufd-map': async () => [await iommufdMap()],
+  'iommufd-translate': async () => [await benchIommufdTranslate()],
+  'vmm-dirty': async () => [vmmDirtyResult(await benchVmmDirty())],
+  'vmm-dma': async () => [await benchVmmDma()],
+  migration: migrationResults,
+};
 
+// `npm run bench -- migration vmm-dma` runs only those (and prints, without writing the report).
+const only = process.argv.slice(2);
+const unknown = only.filter((name) => !(name in benchmarks));
+if (unknown.length > 0)
+  throw new Error(`unknown benchmark(s) ${unknown.join(', ')}: ${Object.keys(benchmarks).join(', ')}`);
 console.log(`softvfio benchmarks on ${machineLine()}`);
 const results: BenchResult[] = [];
-for (const run of benchmarks) {
-  const result = await run();
-  results.push(result);
-  console.log(`\n${result.title}`);
-  for (const row of result.rows) {
-    const met = row.met === undefined ? '' : row.met ? '  [met]' : '  [NOT MET]';
-    console.log(`  ${row.metric}: ${row.value}${row.target ? ` (target ${row.target})` : ''}${met}`);
+for (const [name, run] of Object.entries(benchmarks)) {
+  if (only.length > 0 && !only.includes(name)) continue;
+  for (const result of await run()) {
+    results.push(result);
+    console.log(`\n${result.title}`);
+    for (const row of result.rows) {
+      const met = row.met === undefined ? '' : row.met ? '  [met]' : '  [NOT MET]';
+      console.log(`  ${row.metric}: ${row.value}${row.target ? ` (target ${row.target})` : ''}${met}`);
+    }
   }
 }
-const file = new URL('../../docs/BENCHMARKS.md', import.meta.url);
-writeFileSync(file, toMarkdown(results, new Date()));
-console.log(`\nwritten to docs/BENCHMARKS.md`);
+if (only.length === 0) {
+  const file = new URL('../../docs/BENCHMARKS.md', import.meta.url);
+  writeFileSync(file, toMarkdown(results, new Date()));
+  console.log(`\nwritten to docs/BENCHMARKS.md`);
+}

@@ -1,4 +1,4 @@
-import type { Socket } from 'node:net';
+import { Socket } from 'node:net';
 import { MigrationError, MigrationErrorCode } from './migration-error.js';
 import type { MigrationPhase } from './migration-info.js';
 import { FrameDecoder, type WireDirection, type WireEvent } from './wire-format.js';
@@ -150,7 +150,16 @@ export class FrameReader {
   constructor(
     socket: Socket,
     direction: WireDirection,
-    options: { describe: string; phase: () => MigrationPhase; handler: EventHandler },
+    options: {
+      describe: string;
+      phase: () => MigrationPhase;
+      handler: EventHandler;
+      /**
+       * Read into one reused buffer of this size instead of a new one per read (a receiver of
+       * gigabytes otherwise allocates, page-faults and collects a 64 KiB buffer per read).
+       */
+      readBufferBytes?: number;
+    },
   ) {
     this.socket = socket;
     this.decoder = new FrameDecoder(direction, options.phase);
@@ -161,11 +170,13 @@ export class FrameReader {
       this.#reject = reject;
     });
     this.done.catch(() => undefined);
-    socket.on('data', (chunk: Buffer) => {
+    const onBytes = (chunk: Uint8Array) => {
       this.#bytes += chunk.length;
       this.decoder.push(chunk);
       this.#pump();
-    });
+    };
+    const staging = options.readBufferBytes === undefined ? undefined : new Uint8Array(options.readBufferBytes);
+    if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder)) socket.on('data', onBytes);
     socket.on('end', () => {
       this.#ended = true;
       this.#pump();
@@ -229,4 +240,48 @@ export class FrameReader {
       this.fail(err);
     }
   }
+}
+
+/** Node's own symbols for a socket's `onread` buffer, found once on a probe socket. */
+let onreadSymbols: { buffer: symbol; callback: symbol; generator: symbol } | null | undefined;
+
+function findOnreadSymbols(): typeof onreadSymbols {
+  if (onreadSymbols !== undefined) return onreadSymbols;
+  // `onread` is a net.connect option that @types/node leaves off the Socket constructor's.
+  const options = { onread: { buffer: new Uint8Array(1), callback: () => true } };
+  const probe = new Socket(options as ConstructorParameters<typeof Socket>[0]);
+  const symbols = Object.getOwnPropertySymbols(probe);
+  const find = (name: string) => symbols.find((s) => s.description === name);
+  const [buffer, callback, generator] = [find('kBuffer'), find('kBufferCb'), find('kBufferGen')];
+  probe.destroy();
+  onreadSymbols = buffer && callback && generator ? { buffer, callback, generator } : null;
+  return onreadSymbols;
+}
+
+/**
+ * Make an accepted socket read into `staging` as `net.connect({ onread })` does for a client
+ * socket (Node has no such option for server sockets, so its own symbols are set, found on a
+ * probe socket). Each read calls `onBytes` with a view of `staging`; what the decoder has not
+ * consumed by then is copied out (`detach`) before the next read reuses the buffer. Returns
+ * false, changing nothing, where this Node does not have the mechanism.
+ */
+function readIntoBuffer(
+  socket: Socket,
+  staging: Uint8Array,
+  onBytes: (chunk: Uint8Array) => void,
+  decoder: FrameDecoder,
+): boolean {
+  const symbols = findOnreadSymbols();
+  const handle = (socket as unknown as { _handle?: { useUserBuffer?: (buffer: Uint8Array) => void } })._handle;
+  if (!symbols || typeof handle?.useUserBuffer !== 'function') return false;
+  const fields = socket as unknown as Record<symbol, unknown>;
+  fields[symbols.buffer] = staging;
+  fields[symbols.generator] = null;
+  fields[symbols.callback] = (n: number) => {
+    onBytes(staging.subarray(0, n));
+    decoder.detach();
+    return true;
+  };
+  handle.useUserBuffer(staging);
+  return true;
 }

@@ -37,6 +37,9 @@ import {
   type WireEvent,
 } from './wire-format.js';
 
+/** Each channel reads into one buffer of this size (see FrameReader). */
+const READ_BUFFER_BYTES = 256 * 1024;
+
 export interface IncomingOptions {
   /** Where to listen: `tcp:HOST:PORT`; default `tcp:127.0.0.1:0` (a port is picked). */
   uri?: string;
@@ -131,6 +134,7 @@ export class IncomingMigration {
   #ramStats;
   #vfioBytes = 0;
   #lastByteMs = performance.now();
+  #bytesAtLastCheck = 0;
   #finish!: (status: MigrationStatus) => void;
   readonly #barrierWaiters = new Map<number, (() => void)[]>();
   #stallTimer: NodeJS.Timeout | undefined;
@@ -286,14 +290,12 @@ export class IncomingMigration {
     }
     this.#sockets.add(socket);
     socket.on('close', () => this.#sockets.delete(socket));
-    socket.on('data', () => {
-      this.#lastByteMs = performance.now();
-    });
     const channel: InChannel = {
       index: -1,
       reader: new FrameReader(socket, 'to-destination', {
         describe: 'an incoming connection',
         phase: () => this.#phase,
+        readBufferBytes: READ_BUFFER_BYTES,
         handler: (event) => this.#onHello(channel, event),
       }),
       ended: false,
@@ -777,6 +779,11 @@ export class IncomingMigration {
 
   #checkStall(): void {
     if (this.#endMs !== undefined || this.#hello === undefined || this.#loadedSent) return;
+    const bytes = [this.#main, ...this.#channels.values()].reduce((n, c) => n + (c?.reader.bytesRead ?? 0), 0);
+    if (bytes !== this.#bytesAtLastCheck) {
+      this.#bytesAtLastCheck = bytes;
+      this.#lastByteMs = performance.now();
+    }
     const silent = performance.now() - this.#lastByteMs;
     if (silent >= this.#stallTimeoutMs) {
       void this.#fail(

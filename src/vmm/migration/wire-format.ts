@@ -180,6 +180,24 @@ export class FrameDecoder {
     return this.#buffered === 0 && this.#bodyLeft === 0;
   }
 
+  /**
+   * Copy the bytes still buffered into memory of the decoder's own, so the caller may reuse the
+   * buffers it pushed (a reader with one read buffer calls this after each read).
+   */
+  detach(): void {
+    if (this.#buffered === 0) return;
+    const own = new Uint8Array(this.#buffered);
+    let at = 0;
+    for (const [i, chunk] of this.#chunks.entries()) {
+      const piece = i === 0 ? chunk.subarray(this.#chunkOffset) : chunk;
+      own.set(piece, at);
+      at += piece.length;
+    }
+    this.#chunks.length = 0;
+    this.#chunks.push(own);
+    this.#chunkOffset = 0;
+  }
+
   push(chunk: Uint8Array): void {
     if (chunk.length === 0) return;
     this.#chunks.push(chunk);

@@ -1,0 +1,92 @@
+import { randomFillSync } from 'node:crypto';
+import { Host } from '../src/kernel/host/index.js';
+import { Machine } from '../src/vmm/machine/machine.js';
+import type { MachineDefinition } from '../src/vmm/machine/machine-definition.js';
+import { IncomingMigration } from '../src/vmm/migration/destination.js';
+import type { MigrationInfo } from '../src/vmm/migration/migration-info.js';
+import type { IncomingParameters, MigrationParameters } from '../src/vmm/migration/migration-params.js';
+import { OutgoingMigration } from '../src/vmm/migration/source.js';
+
+/*
+ * One side of a migration benchmark, as its own OS process (forked by bench/migration.ts), so
+ * source and destination talk over real loopback TCP as two software hosts do. Driven over IPC:
+ *
+ *   → { role: 'destination', definition, params }   ← { port }   … ← { info, rss, digest }
+ *   → { role: 'source', definition, uri, params, fillRandom, warmupMs }        … ← { info, digest }
+ */
+
+export type PeerRequest =
+  | { role: 'destination'; definition: MachineDefinition; params?: Partial<IncomingParameters> }
+  | {
+      role: 'source';
+      definition: MachineDefinition;
+      uri: string;
+      params: Partial<MigrationParameters>;
+      /** Fill guest RAM with random bytes before starting (an idle guest of random content). */
+      fillRandom: boolean;
+      /** How long the VM runs before the migration starts. */
+      warmupMs: number;
+    };
+
+export interface PeerResult {
+  info: MigrationInfo;
+  digest: string;
+  /** Destination: RSS before the source connected (guest RAM preallocated) and the peak during the migration. */
+  rss?: { beforeBytes: number; peakBytes: number; guestRamBytes: number };
+}
+
+const send = (message: unknown) => process.send!(message);
+
+async function destination(request: Extract<PeerRequest, { role: 'destination' }>): Promise<void> {
+  const vm = Machine.create(new Host(), request.definition);
+  const incoming = await IncomingMigration.listen(vm, {
+    autostart: false,
+    prealloc: true,
+    ...(request.params === undefined ? {} : { params: request.params }),
+  });
+  const beforeBytes = process.memoryUsage.rss();
+  let peakBytes = beforeBytes;
+  const sampler = setInterval(() => {
+    peakBytes = Math.max(peakBytes, process.memoryUsage.rss());
+  }, 5);
+  send({ port: incoming.address.port });
+  const info = await incoming.done;
+  clearInterval(sampler);
+  peakBytes = Math.max(peakBytes, process.memoryUsage.rss());
+  const result: PeerResult = {
+    info,
+    digest: info.status === 'completed' ? vm.digest() : '',
+    rss: { beforeBytes, peakBytes, guestRamBytes: vm.ram.totalBytes },
+  };
+  send(result);
+  await vm.destroy();
+}
+
+async function source(request: Extract<PeerRequest, { role: 'source' }>): Promise<void> {
+  const vm = Machine.create(new Host(), request.definition);
+  if (request.fillRandom) {
+    for (const block of vm.ram.blocks) {
+      for (let at = 0; at < block.sizeBytes; at += 64 << 20) {
+        randomFillSync(block.memory.view(at, Math.min(64 << 20, block.sizeBytes - at)));
+      }
+    }
+  }
+  await vm.start();
+  await new Promise((resolve) => setTimeout(resolve, request.warmupMs));
+  const migration = OutgoingMigration.start(vm, { uri: request.uri, params: request.params });
+  const info = await migration.done;
+  const result: PeerResult = { info, digest: info.status === 'completed' ? vm.digest() : '' };
+  send(result);
+  await vm.destroy();
+}
+
+process.once('message', (request: PeerRequest) => {
+  const run = request.role === 'destination' ? destination(request) : source(request);
+  run.then(
+    () => process.exit(0),
+    (err: unknown) => {
+      process.stderr.write(`migration peer failed: ${(err as Error)?.stack ?? String(err)}\n`);
+      process.exit(1);
+    },
+  );
+});

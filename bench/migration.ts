@@ -1,0 +1,447 @@
+import { type ChildProcess, fork } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { connect, type Socket } from 'node:net';
+import { fileURLToPath } from 'node:url';
+import { Host } from '../src/kernel/host/index.js';
+import { MigFeature } from '../src/uapi/migration.js';
+import { Machine } from '../src/vmm/machine/machine.js';
+import type { MachineDefinition } from '../src/vmm/machine/machine-definition.js';
+import {
+  describeVm,
+  type MainHello,
+  PROTOCOL_MAGIC,
+  PROTOCOL_VERSION,
+} from '../src/vmm/migration/handshake.js';
+import type { IncomingParameters, MigrationParameters } from '../src/vmm/migration/migration-params.js';
+import {
+  encodeDeviceState,
+  encodeEmptyFrame,
+  encodeJsonFrame,
+  encodeU32Frame,
+  FrameType,
+  MAX_DEVICE_PACKET_BYTES,
+} from '../src/vmm/migration/wire-format.js';
+import type { PeerRequest, PeerResult } from './migration-peer.js';
+import type { BenchResult } from './report.js';
+
+const MiB = 2 ** 20;
+const GiB = 2 ** 30;
+const PEER = fileURLToPath(new URL('./migration-peer.js', import.meta.url));
+const SINK = fileURLToPath(new URL('./tcp-sink.js', import.meta.url));
+
+/** Fork a peer, send it `request`, resolve its first message and, later, its second. */
+function startPeer(
+  script: string,
+  request: unknown,
+): { first: Promise<unknown>; second: Promise<unknown>; child: ChildProcess } {
+  const child = fork(script, [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const messages: unknown[] = [];
+  const waiters: ((m: unknown) => void)[] = [];
+  child.on('message', (m) => {
+    const w = waiters.shift();
+    if (w) w(m);
+    else messages.push(m);
+  });
+  const next = () =>
+    new Promise<unknown>((resolve, reject) => {
+      const queued = messages.shift();
+      if (queued !== undefined) resolve(queued);
+      else waiters.push(resolve);
+      child.once('exit', (code) => reject(new Error(`${script} exited with ${code}`)));
+    });
+  child.send(request as object);
+  const first = next();
+  const second = first.then(() => next());
+  second.catch(() => undefined);
+  return { first, second, child };
+}
+
+interface MigrationRun {
+  source: PeerResult;
+  destination: PeerResult;
+}
+
+/** One migration between two forked processes. */
+async function migrate(
+  definition: MachineDefinition,
+  options: {
+    params: Partial<MigrationParameters>;
+    incoming?: Partial<IncomingParameters>;
+    fillRandom?: boolean;
+    warmupMs?: number;
+  },
+): Promise<MigrationRun> {
+  const dst = startPeer(PEER, {
+    role: 'destination',
+    definition,
+    ...(options.incoming === undefined ? {} : { params: options.incoming }),
+  } satisfies PeerRequest);
+  const { port } = (await dst.first) as { port: number };
+  const src = startPeer(PEER, {
+    role: 'source',
+    definition,
+    uri: `tcp:127.0.0.1:${port}`,
+    params: options.params,
+    fillRandom: options.fillRandom ?? false,
+    warmupMs: options.warmupMs ?? 0,
+  } satisfies PeerRequest);
+  const [source, destination] = (await Promise.all([src.first, dst.second])) as [PeerResult, PeerResult];
+  for (const [side, r] of [
+    ['source', source],
+    ['destination', destination],
+  ] as const) {
+    if (r.info.status !== 'completed')
+      throw new Error(`${side} migration ${r.info.status}: ${r.info.error?.message}`);
+  }
+  if (source.digest !== destination.digest) throw new Error('the VM digests differ after the migration');
+  return { source, destination };
+}
+
+/** Raw loopback TCP between two processes: `bytes` over `connections` sockets, 512 KiB writes. */
+async function rawTcpBytesPerSec(bytes: number, connections: number): Promise<number> {
+  const sink = startPeer(SINK, { bytes });
+  const { port } = (await sink.first) as { port: number };
+  const sockets = await Promise.all(
+    Array.from(
+      { length: connections },
+      () =>
+        new Promise<Socket>((resolve, reject) => {
+          const s = connect({ host: '127.0.0.1', port, noDelay: true }, () => resolve(s));
+          s.once('error', reject);
+        }),
+    ),
+  );
+  const chunk = Buffer.alloc(512 * 1024);
+  randomFillSync(chunk);
+  const t0 = performance.now();
+  const per = Math.ceil(bytes / connections / chunk.length);
+  await Promise.all(
+    sockets.map(async (s) => {
+      for (let i = 0; i < per; i++) {
+        if (!s.write(chunk)) await new Promise((resolve) => s.once('drain', resolve));
+      }
+    }),
+  );
+  await sink.second;
+  const seconds = (performance.now() - t0) / 1000;
+  for (const s of sockets) s.destroy();
+  return bytes / seconds;
+}
+
+const idleGuest = (ramBytes: number): MachineDefinition => ({
+  name: 'bench-vm',
+  iommu: 'iommufd',
+  ram: [{ name: 'pc.ram', sizeBytes: ramBytes }],
+  vcpus: { count: 1, workload: { pageWriteLimit: 0 } },
+  devices: [],
+});
+
+export interface RamThroughputRow {
+  channels: number;
+  migrationBytesPerSec: number;
+  rawTcpBytesPerSec: number;
+  ratio: number;
+}
+
+/**
+ * Benchmark 1: a 2 GiB idle guest of random content migrated with 1, 2 and 4 channels, against
+ * raw loopback TCP with as many connections in the same run; the best of `runs` of each.
+ */
+export async function benchRamThroughput(ramBytes = 2 * GiB, runs = 2): Promise<RamThroughputRow[]> {
+  const rows: RamThroughputRow[] = [];
+  for (const channels of [1, 2, 4]) {
+    let migration = 0;
+    let raw = 0;
+    for (let r = 0; r < runs; r++) {
+      raw = Math.max(raw, await rawTcpBytesPerSec(ramBytes, channels));
+      const { source } = await migrate(idleGuest(ramBytes), {
+        params: { multifdChannels: channels, maxBandwidthBytesPerSec: 0 },
+        fillRandom: true,
+      });
+      migration = Math.max(migration, ramBytes / (source.info.totalTimeMs / 1000));
+    }
+    rows.push({ channels, migrationBytesPerSec: migration, rawTcpBytesPerSec: raw, ratio: migration / raw });
+  }
+  return rows;
+}
+
+export interface DowntimeFigures {
+  downtimeMs: number;
+  downtimeLimitMs: number;
+  totalTimeMs: number;
+  iterations: number;
+  devicePrecopyBytes: number;
+  expectedDowntimeMs: number | undefined;
+}
+
+/**
+ * Benchmark 2: 1 GiB guest dirtying 64 MiB/s (two vCPUs at 32), an accel with 256 MiB of device
+ * memory migrated with precopy, a nic and a basic device; downtime-limit 300 ms.
+ */
+export async function benchDowntime(): Promise<DowntimeFigures> {
+  const definition: MachineDefinition = {
+    name: 'bench-vm',
+    iommu: 'iommufd',
+    ram: [{ name: 'pc.ram', sizeBytes: GiB }],
+    vcpus: { count: 2, workload: { dirtyRateMiBps: 32, seed: 7 } },
+    devices: [
+      {
+        type: 'nic',
+        name: 'nic0',
+        flowTableBytes: MiB,
+        rxRing: { entries: 256, bufferBytes: 2048 },
+        seed: 3,
+      },
+      { type: 'accel', name: 'accel0', memoryBytes: 256 * MiB, guestBufferBytes: 64 * 1024, seed: 4 },
+      { type: 'basic', name: 'basic0', seed: 5 },
+    ],
+    guestDriverIntervalMs: 10,
+  };
+  const { source } = await migrate(definition, {
+    params: { downtimeLimitMs: 300, maxBandwidthBytesPerSec: 0 },
+    warmupMs: 1000,
+  });
+  const info = source.info;
+  return {
+    downtimeMs: info.downtimeMs ?? NaN,
+    downtimeLimitMs: 300,
+    totalTimeMs: info.totalTimeMs,
+    iterations: info.ram.dirtySyncCount,
+    devicePrecopyBytes: info.devices.reduce((n, d) => n + d.precopyBytes, 0),
+    expectedDowntimeMs: info.expectedDowntimeMs,
+  };
+}
+
+export interface StopCopyFigures {
+  stateBytes: number;
+  oneChannelMs: number;
+  fourChannelsMs: number;
+  speedup: number;
+}
+
+/**
+ * Benchmark 3: an accel with 512 MiB of device memory and no PRE_COPY (all of it is stop-copy
+ * state), a small idle guest: the downtime with 4 channels vs 1 (best of `runs`).
+ */
+export async function benchStopCopy(runs = 2): Promise<StopCopyFigures> {
+  const definition: MachineDefinition = {
+    name: 'bench-vm',
+    iommu: 'iommufd',
+    ram: [{ name: 'pc.ram', sizeBytes: 64 * MiB }],
+    vcpus: { count: 1, workload: { pageWriteLimit: 0 } },
+    devices: [
+      {
+        type: 'accel',
+        name: 'accel0',
+        memoryBytes: 512 * MiB,
+        guestBufferBytes: 64 * 1024,
+        migrationFlags: MigFeature.STOP_COPY,
+        seed: 4,
+      },
+    ],
+    guestDriverIntervalMs: 10,
+  };
+  const downtime = async (channels: number) => {
+    let best = Infinity;
+    for (let r = 0; r < runs; r++) {
+      const { source } = await migrate(definition, {
+        params: { multifdChannels: channels, maxBandwidthBytesPerSec: 0, downtimeLimitMs: 300 },
+      });
+      best = Math.min(best, source.info.downtimeMs ?? Infinity);
+    }
+    return best;
+  };
+  const oneChannelMs = await downtime(1);
+  const fourChannelsMs = await downtime(4);
+  return { stateBytes: 512 * MiB, oneChannelMs, fourChannelsMs, speedup: oneChannelMs / fourChannelsMs };
+}
+
+export interface HostileFigures {
+  capBytes: number;
+  sentBytes: number;
+  rssGrowthBytes: number;
+  peakRssBytes: number;
+  guestRamBytes: number;
+  peakQueuedBytes: number;
+  errorCode: string | undefined;
+  errorMessage: string | undefined;
+}
+
+/**
+ * Benchmark 4: a hostile source that completes the handshake and the switchover, then sends
+ * 512 MiB of device-state packets for the accel in reverse index order (the first one never
+ * comes) over 4 channels, to a destination with a 32 MiB queue cap. The destination must refuse
+ * it with its RSS growing by at most the cap + 16 MiB.
+ */
+export async function benchHostileSource(
+  capBytes = 32 * MiB,
+  sentBytes = 512 * MiB,
+): Promise<HostileFigures> {
+  const definition: MachineDefinition = {
+    name: 'bench-vm',
+    iommu: 'iommufd',
+    ram: [{ name: 'pc.ram', sizeBytes: 256 * MiB }],
+    vcpus: { count: 1, workload: { pageWriteLimit: 0 } },
+    devices: [{ type: 'accel', name: 'accel0', memoryBytes: 16 * MiB, guestBufferBytes: 64 * 1024, seed: 4 }],
+    guestDriverIntervalMs: 10,
+  };
+  const dst = startPeer(PEER, {
+    role: 'destination',
+    definition,
+    params: { maxQueuedBuffersBytes: capBytes },
+  } satisfies PeerRequest);
+  const { port } = (await dst.first) as { port: number };
+  const template = Machine.create(new Host(), definition);
+  const config = describeVm(template);
+  await template.destroy();
+  const channels = 4;
+  const session = '0123456789abcdef-hostile';
+  const open = () =>
+    new Promise<Socket>((resolve, reject) => {
+      const s = connect({ host: '127.0.0.1', port }, () => resolve(s));
+      s.once('error', reject);
+    });
+  const main = await open();
+  main.on('error', () => undefined);
+  const hello: MainHello = {
+    magic: PROTOCOL_MAGIC,
+    version: PROTOCOL_VERSION,
+    session,
+    kind: 'main',
+    vm: definition.name,
+    channels,
+    switchoverAck: false,
+    config,
+  };
+  main.write(encodeJsonFrame(FrameType.HELLO, hello));
+  const data = await Promise.all(Array.from({ length: channels }, () => open()));
+  data.forEach((s, i) => {
+    s.on('error', () => undefined);
+    s.write(
+      encodeJsonFrame(FrameType.HELLO, {
+        magic: PROTOCOL_MAGIC,
+        version: PROTOCOL_VERSION,
+        session,
+        kind: 'multifd',
+        channel: i + 1,
+      }),
+    );
+    // Each channel closes its round-1 barrier at once, so only the device state can block it.
+    s.write(encodeU32Frame(FrameType.SYNC, 1));
+  });
+  main.write(encodeEmptyFrame(FrameType.SWITCHOVER));
+  const payload = Buffer.alloc(MAX_DEVICE_PACKET_BYTES);
+  randomFillSync(payload);
+  const packets = sentBytes / MAX_DEVICE_PACKET_BYTES;
+  // Indexes packets..1 in reverse, round robin over the channels; index 0 never comes.
+  const writers = data.map(async (s, c) => {
+    for (let index = packets - c; index >= 1; index -= channels) {
+      if (s.destroyed) return;
+      const ok = s.write(encodeDeviceState(0, index, 0, payload.length)) && s.write(payload);
+      if (!ok) await new Promise((resolve) => (s.once('drain', resolve), s.once('close', resolve)));
+    }
+  });
+  const result = (await dst.second) as PeerResult;
+  for (const s of [main, ...data]) s.destroy();
+  await Promise.allSettled(writers);
+  const rss = result.rss!;
+  return {
+    capBytes,
+    sentBytes,
+    rssGrowthBytes: rss.peakBytes - rss.beforeBytes,
+    peakRssBytes: rss.peakBytes,
+    guestRamBytes: rss.guestRamBytes,
+    peakQueuedBytes: result.info.queuedBuffers?.peakBytes ?? 0,
+    errorCode: result.info.error?.code,
+    errorMessage: result.info.error?.message,
+  };
+}
+
+const f2 = (n: number) => n.toFixed(2);
+const gbps = (bytesPerSec: number) => (bytesPerSec / 1e9).toFixed(2);
+
+/** The four migration benchmarks of issue 5 as report sections. */
+export async function migrationResults(): Promise<BenchResult[]> {
+  const ram = await benchRamThroughput();
+  const down = await benchDowntime();
+  const stop = await benchStopCopy();
+  const hostile = await benchHostileSource();
+  const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
+  return [
+    {
+      title: 'Live migration: RAM throughput, 2 GiB idle guest of random content (issue 5, benchmark 1)',
+      rows: ram.flatMap((r) => [
+        {
+          metric: `${r.channels} channel(s): migration, GB/s (guest RAM / total time)`,
+          value: gbps(r.migrationBytesPerSec),
+        },
+        {
+          metric: `${r.channels} channel(s): raw loopback TCP, same connections, GB/s`,
+          value: gbps(r.rawTcpBytesPerSec),
+        },
+        {
+          metric: `${r.channels} channel(s): ratio`,
+          value: f2(r.ratio),
+          target: '≥ 0.8',
+          met: r.ratio >= 0.8,
+        },
+      ]),
+      notes: [
+        'Source and destination are two forked processes (bench/migration-peer.ts) talking over loopback TCP, as two software hosts do; the destination preallocates guest RAM (prealloc=on). Best of 2 runs each, the raw baseline run just before each migration.',
+        'Raw TCP: 512 KiB writes from one process, a receiver that only counts bytes. The migration adds framing, the zero-page test, the dirty bitmap and the copy into guest RAM on the destination.',
+      ],
+    },
+    {
+      title:
+        'Live migration: downtime, 1 GiB guest dirtying 64 MiB/s with nic + 256 MiB accel (precopy) + basic (issue 5, benchmark 2)',
+      rows: [
+        {
+          metric: 'downtime, ms (VM stop on the source → VM loaded and handed off, RUNNING received)',
+          value: down.downtimeMs.toFixed(0),
+          target: `≤ ${down.downtimeLimitMs}`,
+          met: down.downtimeMs <= down.downtimeLimitMs,
+        },
+        { metric: 'total time, ms', value: down.totalTimeMs.toFixed(0) },
+        { metric: 'iterations (dirty syncs)', value: String(down.iterations) },
+        { metric: 'device precopy data sent', value: mib(down.devicePrecopyBytes) },
+      ],
+      notes: [
+        'downtime-limit 300 ms, max-bandwidth unlimited, 2 multifd channels, switchover-ack on; the VM ran 1 s before the migration.',
+      ],
+    },
+    {
+      title: 'Live migration: 512 MiB of accel stop-copy state, 4 channels vs 1 (issue 5, benchmark 3)',
+      rows: [
+        { metric: 'downtime with 1 channel, ms', value: stop.oneChannelMs.toFixed(0) },
+        { metric: 'downtime with 4 channels, ms', value: stop.fourChannelsMs.toFixed(0) },
+        { metric: 'speed-up', value: f2(stop.speedup), target: '≥ 1.5', met: stop.speedup >= 1.5 },
+      ],
+      notes: [
+        'The accel offers STOP_COPY only (no PRE_COPY): all 512 MiB leave while the VM is stopped. Best of 2 runs each.',
+      ],
+    },
+    {
+      title:
+        'Live migration: destination memory under a hostile reordering source (issue 5, benchmark 4, seed 000)',
+      rows: [
+        { metric: 'device state sent in reverse index order (index 0 never)', value: mib(hostile.sentBytes) },
+        { metric: 'queue cap (x-migration-max-queued-buffers-size)', value: mib(hostile.capBytes) },
+        { metric: 'peak queued bytes', value: mib(hostile.peakQueuedBytes) },
+        {
+          metric: 'destination RSS growth during the attack (peak − RSS with guest RAM preallocated)',
+          value: mib(hostile.rssGrowthBytes),
+          target: `≤ cap + 16 MiB = ${mib(hostile.capBytes + 16 * MiB)}`,
+          met: hostile.rssGrowthBytes <= hostile.capBytes + 16 * MiB,
+        },
+        {
+          metric: 'peak RSS / guest RAM',
+          value: `${mib(hostile.peakRssBytes)} / ${mib(hostile.guestRamBytes)}`,
+        },
+        { metric: 'outcome', value: `${hostile.errorCode ?? 'not refused'}: ${hostile.errorMessage ?? ''}` },
+      ],
+      notes: [
+        'RSS is sampled every 5 ms in the destination process. Its baseline (Node, the kernel model, device memory, guest RAM preallocated) is taken when it listens; the growth is what the attack costs.',
+      ],
+    },
+  ];
+}
