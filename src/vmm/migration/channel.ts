@@ -118,7 +118,8 @@ export class FrameReader {
   readonly decoder: FrameDecoder;
   readonly done: Promise<void>;
   #handler: EventHandler;
-  readonly #describe: string;
+  #describe: string;
+  readonly #onFail: ((err: unknown) => void) | undefined;
   #waiting = false;
   #ended = false;
   #settled = false;
@@ -129,12 +130,19 @@ export class FrameReader {
   constructor(
     socket: Socket,
     direction: WireDirection,
-    options: { describe: string; phase: () => MigrationPhase; handler: EventHandler },
+    options: {
+      describe: string;
+      phase: () => MigrationPhase;
+      handler: EventHandler;
+      /** Told of the failure before the socket is destroyed (to answer on another socket, or this one). */
+      onFail?: (err: unknown) => void;
+    },
   ) {
     this.socket = socket;
-    this.decoder = new FrameDecoder(direction, options.phase);
+    this.decoder = new FrameDecoder(direction, options.phase, () => this.#describe);
     this.#handler = options.handler;
     this.#describe = options.describe;
+    this.#onFail = options.onFail;
     this.done = new Promise<void>((resolve, reject) => {
       this.#resolve = resolve;
       this.#reject = reject;
@@ -160,17 +168,25 @@ export class FrameReader {
     return this.#bytes;
   }
 
-  /** Swap the handler (the first frame of a connection decides what it is). */
-  handleWith(handler: EventHandler): void {
+  /**
+   * Swap the handler (the first frame of a connection decides what it is), and the name errors
+   * give the stream ("multifd channel 2").
+   */
+  handleWith(handler: EventHandler, describe?: string): void {
     this.#handler = handler;
+    if (describe !== undefined) this.#describe = describe;
   }
 
-  /** Fail the reader (the first failure wins); the socket is destroyed. */
+  /** Fail the reader (the first failure wins): `onFail` hears it, then the socket is destroyed. */
   fail(err: unknown): void {
     if (this.#settled) return;
     this.#settled = true;
-    this.socket.destroy();
-    this.#reject(err);
+    try {
+      this.#onFail?.(err);
+    } finally {
+      this.socket.destroy();
+      this.#reject(err);
+    }
   }
 
   #channelError(message: string, phase: MigrationPhase, cause?: unknown): MigrationError {
