@@ -139,7 +139,8 @@ export class FrameReader {
   readonly decoder: FrameDecoder;
   readonly done: Promise<void>;
   #handler: EventHandler;
-  readonly #describe: string;
+  #describe: string;
+  readonly #onFail: ((err: unknown) => void) | undefined;
   #waiting = false;
   #ended = false;
   #settled = false;
@@ -159,12 +160,15 @@ export class FrameReader {
        * gigabytes otherwise allocates, page-faults and collects a 64 KiB buffer per read).
        */
       readBufferBytes?: number;
+      /** Told of the failure before the socket is destroyed (to answer on another socket, or this one). */
+      onFail?: (err: unknown) => void;
     },
   ) {
     this.socket = socket;
-    this.decoder = new FrameDecoder(direction, options.phase);
+    this.decoder = new FrameDecoder(direction, options.phase, () => this.#describe);
     this.#handler = options.handler;
     this.#describe = options.describe;
+    this.#onFail = options.onFail;
     this.done = new Promise<void>((resolve, reject) => {
       this.#resolve = resolve;
       this.#reject = reject;
@@ -175,8 +179,10 @@ export class FrameReader {
       this.decoder.push(chunk);
       this.#pump();
     };
-    const staging = options.readBufferBytes === undefined ? undefined : new Uint8Array(options.readBufferBytes);
-    if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder)) socket.on('data', onBytes);
+    const staging =
+      options.readBufferBytes === undefined ? undefined : new Uint8Array(options.readBufferBytes);
+    if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder))
+      socket.on('data', onBytes);
     socket.on('end', () => {
       this.#ended = true;
       this.#pump();
@@ -192,17 +198,25 @@ export class FrameReader {
     return this.#bytes;
   }
 
-  /** Swap the handler (the first frame of a connection decides what it is). */
-  handleWith(handler: EventHandler): void {
+  /**
+   * Swap the handler (the first frame of a connection decides what it is), and the name errors
+   * give the stream ("multifd channel 2").
+   */
+  handleWith(handler: EventHandler, describe?: string): void {
     this.#handler = handler;
+    if (describe !== undefined) this.#describe = describe;
   }
 
-  /** Fail the reader (the first failure wins); the socket is destroyed. */
+  /** Fail the reader (the first failure wins): `onFail` hears it, then the socket is destroyed. */
   fail(err: unknown): void {
     if (this.#settled) return;
     this.#settled = true;
-    this.socket.destroy();
-    this.#reject(err);
+    try {
+      this.#onFail?.(err);
+    } finally {
+      this.socket.destroy();
+      this.#reject(err);
+    }
   }
 
   #channelError(message: string, phase: MigrationPhase, cause?: unknown): MigrationError {
@@ -272,7 +286,8 @@ function readIntoBuffer(
   decoder: FrameDecoder,
 ): boolean {
   const symbols = findOnreadSymbols();
-  const handle = (socket as unknown as { _handle?: { useUserBuffer?: (buffer: Uint8Array) => void } })._handle;
+  const handle = (socket as unknown as { _handle?: { useUserBuffer?: (buffer: Uint8Array) => void } })
+    ._handle;
   if (!symbols || typeof handle?.useUserBuffer !== 'function') return false;
   const fields = socket as unknown as Record<symbol, unknown>;
   fields[symbols.buffer] = staging;

@@ -264,7 +264,8 @@ export class IncomingMigration {
       switchoverAcked: this.#ackSent,
       ram: { ...this.#ramStats, remainingBytes: 0 },
       vfio: { transferredBytes: this.#vfioBytes },
-      devices: this.#devices.map((d) => ({ ...d.stats })),
+      // Packets loaded: streamed, written whole, or drained from the queue (the loader counts them all).
+      devices: this.#devices.map((d) => ({ ...d.stats, packets: d.loader?.loaded.packets ?? 0 })),
       channels: [this.#main, ...[...this.#channels.values()].sort((a, b) => a.index - b.index)]
         .filter((c): c is InChannel => c !== undefined)
         .map((c) => ({
@@ -297,6 +298,13 @@ export class IncomingMigration {
         phase: () => this.#phase,
         readBufferBytes: READ_BUFFER_BYTES,
         handler: (event) => this.#onHello(channel, event),
+        // Fail before the reader destroys the socket, so that the ERROR reaches the source even
+        // when this is the main channel (or the connection that was to become it).
+        onFail: (err) =>
+          void this.#fail(
+            asMigrationError(err, this.#phase, undefined, MigrationErrorCode.CHANNEL),
+            channel.reader.socket,
+          ),
       }),
       ended: false,
       round: 0,
@@ -333,7 +341,7 @@ export class IncomingMigration {
       }
       channel.index = hello.channel;
       this.#channels.set(hello.channel, channel);
-      channel.reader.handleWith((e) => this.#onData(channel, e));
+      channel.reader.handleWith((e) => this.#onData(channel, e), `multifd channel ${hello.channel}`);
     }
   }
 
@@ -390,7 +398,7 @@ export class IncomingMigration {
     this.#setupDoneMs = performance.now();
     this.#phase = 'precopy';
     this.#setStatus('active');
-    channel.reader.handleWith((e) => this.#onData(channel, e));
+    channel.reader.handleWith((e) => this.#onData(channel, e), 'main channel');
   }
 
   // ---- frames ------------------------------------------------------------------------------------
@@ -567,7 +575,6 @@ export class IncomingMigration {
       case 'direct':
         sink.device.loader!.writeDirect(bytes);
         if (last) {
-          sink.device.stats.packets++;
           sink.device.loader!.endDirect();
           this.#checkComplete();
         }
@@ -595,7 +602,6 @@ export class IncomingMigration {
   ): void | Promise<void> {
     const result = d.loader!.offer(index, flags, data);
     if (result !== 'held') {
-      if (result === 'written') d.stats.packets++;
       this.#checkComplete();
       return;
     }
@@ -617,7 +623,6 @@ export class IncomingMigration {
           return;
         }
         if (again === 'held') return;
-        if (again === 'written') d.stats.packets++;
         stop();
         channel.wait = 'none';
         resolve();
@@ -779,7 +784,10 @@ export class IncomingMigration {
 
   #checkStall(): void {
     if (this.#endMs !== undefined || this.#hello === undefined || this.#loadedSent) return;
-    const bytes = [this.#main, ...this.#channels.values()].reduce((n, c) => n + (c?.reader.bytesRead ?? 0), 0);
+    const bytes = [this.#main, ...this.#channels.values()].reduce(
+      (n, c) => n + (c?.reader.bytesRead ?? 0),
+      0,
+    );
     if (bytes !== this.#bytesAtLastCheck) {
       this.#bytesAtLastCheck = bytes;
       this.#lastByteMs = performance.now();
@@ -796,13 +804,16 @@ export class IncomingMigration {
     }
   }
 
-  /** Fail before or after LOADED (see the class comment); idempotent. */
-  async #fail(error: MigrationError): Promise<void> {
+  /**
+   * Fail before or after LOADED (see the class comment); idempotent. The ERROR goes on the main
+   * channel, or on `handshaking` (the connection that failed) when there is no main channel yet.
+   */
+  async #fail(error: MigrationError, handshaking?: Socket): Promise<void> {
     if (this.#endMs !== undefined || this.#error !== undefined) return;
     this.#error = error;
     for (const wake of [...this.#heldRetries]) wake();
     try {
-      if (!this.#handedOff) this.#reply(encodeJsonFrame(FrameType.ERROR, errorFrame(error)));
+      if (!this.#handedOff) this.#reply(encodeJsonFrame(FrameType.ERROR, errorFrame(error)), handshaking);
     } catch {
       // the source is gone
     }
@@ -838,8 +849,8 @@ export class IncomingMigration {
 
   // ---- helpers -----------------------------------------------------------------------------------
 
-  #reply(frame: Uint8Array): void {
-    const socket = this.#main?.reader.socket;
+  #reply(frame: Uint8Array, handshaking?: Socket): void {
+    const socket = this.#main?.reader.socket ?? handshaking;
     if (socket === undefined || socket.destroyed || !socket.writable) {
       throw new MigrationError(MigrationErrorCode.CHANNEL, this.#phase, 'the return path is closed');
     }

@@ -18,6 +18,7 @@ export class QueueBudget {
   #queued = 0;
   #peak = 0;
   #listeners = new Set<() => void>();
+  readonly #running = new Set<() => void>();
 
   constructor(capBytes: number) {
     this.capBytes = capBytes;
@@ -40,12 +41,22 @@ export class QueueBudget {
 
   give(bytes: number): void {
     this.#queued -= bytes;
-    for (const listener of [...this.#listeners]) listener();
+    this.wake();
   }
 
   /** Tell the listeners to try again (buffers may be writable now without a release). */
   wake(): void {
-    for (const listener of [...this.#listeners]) listener();
+    // Not called: a listener stopped meanwhile (by an earlier one), and one that is running (the
+    // release comes from inside it: its retried buffer was written and the queue drained).
+    for (const listener of [...this.#listeners]) {
+      if (!this.#listeners.has(listener) || this.#running.has(listener)) continue;
+      this.#running.add(listener);
+      try {
+        listener();
+      } finally {
+        this.#running.delete(listener);
+      }
+    }
   }
 
   /** Hear every release; returns the function that stops it. */
@@ -155,6 +166,8 @@ export class DeviceStateLoader {
     this.#next++;
     this.#packets++;
     this.#drain();
+    // A held buffer may be the next one in order now, which can be written without a release.
+    this.#budget.wake();
   }
 
   /**
@@ -162,10 +175,12 @@ export class DeviceStateLoader {
    * queued if the budget takes it, else 'held' (offer it again after a budget release).
    */
   offer(index: number, flags: number, data: Uint8Array): OfferResult {
+    this.#recheck(index);
     if (this.#started && index === this.#next && this.#direct === undefined) {
       this.#apply(data, flags);
       this.#next++;
       this.#drain();
+      this.#budget.wake();
       return 'written';
     }
     if (!this.#budget.tryTake(data.length + QUEUE_ENTRY_OVERHEAD_BYTES)) return 'held';
@@ -203,6 +218,24 @@ export class DeviceStateLoader {
     }
   }
 
+  /**
+   * `admit` checked the index when the header came; while the body arrived (or while the buffer
+   * was held) another channel may have delivered the same index, or the config packet.
+   */
+  #recheck(index: number): void {
+    const refuse = (message: string) =>
+      new MigrationError(MigrationErrorCode.PROTOCOL, 'stop-copy', `state buffer ${index}: ${message}`, {
+        device: this.device,
+      });
+    if (this.#complete) throw refuse('arrived after the device state was complete');
+    if (index < this.#next || index === this.#direct || this.#queue.has(index)) {
+      throw refuse('already filled');
+    }
+    if (this.#last !== undefined && index > this.#last) {
+      throw refuse(`past the config state, buffer ${this.#last}`);
+    }
+  }
+
   #apply(data: Uint8Array, flags: number): void {
     this.#packets++;
     if ((flags & DEVICE_STATE_CONFIG) !== 0) {
@@ -220,12 +253,13 @@ export class DeviceStateLoader {
       const entry = this.#queue.get(this.#next);
       if (entry === undefined) return;
       this.#queue.delete(this.#next);
+      // Filled before the release: a listener may offer a held buffer, which must see this.
+      this.#next++;
       try {
         this.#apply(entry.data, entry.flags);
       } finally {
         this.#budget.give(entry.data.length + QUEUE_ENTRY_OVERHEAD_BYTES);
       }
-      this.#next++;
     }
   }
 }

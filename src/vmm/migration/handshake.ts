@@ -173,8 +173,20 @@ export function configDifferences(source: VmMigrationConfig, destination: VmMigr
   return out;
 }
 
-/** Check a decoded HELLO's JSON; ERR_MIGRATION_PROTOCOL naming the first issue. */
+/**
+ * Check a decoded HELLO's JSON; ERR_MIGRATION_PROTOCOL naming the first issue, or
+ * ERR_MIGRATION_INCOMPATIBLE for another protocol version (checked first: a HELLO of another
+ * version may carry other fields, and the peer must hear that the version is the reason).
+ */
 export function parseHello(json: unknown): MainHello | ChannelHello {
+  const head = typeof json === 'object' && json !== null ? (json as Record<string, unknown>) : {};
+  if (head.magic === PROTOCOL_MAGIC && Number.isInteger(head.version) && head.version !== PROTOCOL_VERSION) {
+    throw new MigrationError(
+      MigrationErrorCode.INCOMPATIBLE,
+      'handshake',
+      `protocol version ${String(head.version)} is not supported (this side speaks ${PROTOCOL_VERSION})`,
+    );
+  }
   const result = helloSchema.safeParse(json);
   if (!result.success) {
     const issue = result.error.issues[0]!;
@@ -182,13 +194,6 @@ export function parseHello(json: unknown): MainHello | ChannelHello {
       MigrationErrorCode.PROTOCOL,
       'handshake',
       `bad HELLO: ${issue.path.join('.') || '(root)'}: ${issue.message}`,
-    );
-  }
-  if (result.data.version !== PROTOCOL_VERSION) {
-    throw new MigrationError(
-      MigrationErrorCode.INCOMPATIBLE,
-      'handshake',
-      `protocol version ${result.data.version} is not supported (this side speaks ${PROTOCOL_VERSION})`,
     );
   }
   return result.data;

@@ -159,11 +159,16 @@ export class FrameDecoder {
   #failed: MigrationError | undefined;
   #framesDecoded = 0;
   readonly #phase: () => MigrationPhase;
+  readonly #where: (() => string) | undefined;
 
-  /** `phase` names the migration phase a protocol error is reported in (default 'load'). */
-  constructor(direction: WireDirection, phase: () => MigrationPhase = () => 'load') {
+  /**
+   * `phase` names the migration phase a protocol error is reported in (default 'load'); `where`,
+   * if given, names the stream at the start of its messages ("multifd channel 2: …").
+   */
+  constructor(direction: WireDirection, phase: () => MigrationPhase = () => 'load', where?: () => string) {
     this.direction = direction;
     this.#phase = phase;
+    this.#where = where;
   }
 
   /** Bytes pushed and not yet decoded. */
@@ -227,7 +232,12 @@ export class FrameDecoder {
   }
 
   #fail(message: string): MigrationError {
-    this.#failed = new MigrationError(MigrationErrorCode.PROTOCOL, this.#phase(), message);
+    const where = this.#where?.();
+    this.#failed = new MigrationError(
+      MigrationErrorCode.PROTOCOL,
+      this.#phase(),
+      where === undefined ? message : `${where}: ${message}`,
+    );
     return this.#failed;
   }
 
