@@ -65,14 +65,17 @@ export class SendChannel {
     return this.#error === undefined && !this.socket.destroyed && this.socket.writable;
   }
 
-  /** Write one frame: its header (with meta) and its body pieces, in one batch. */
-  send(header: Uint8Array, body: readonly Uint8Array[] = []): void {
+  /**
+   * Write one frame: its header (with meta) and its body pieces, in one batch. `onSent` is called
+   * once the socket no longer needs the bytes (handed to the kernel, or the socket failed).
+   */
+  send(header: Uint8Array, body: readonly Uint8Array[] = [], onSent?: () => void): void {
     if (!this.writable) throw this.failure('send');
     if (body.length > 0) this.socket.cork();
-    this.socket.write(header);
+    this.socket.write(header, body.length === 0 ? onSent : undefined);
     let n = header.length;
-    for (const piece of body) {
-      this.socket.write(piece);
+    for (const [i, piece] of body.entries()) {
+      this.socket.write(piece, i === body.length - 1 ? onSent : undefined);
       n += piece.length;
     }
     if (body.length > 0) this.socket.uncork();

@@ -33,9 +33,13 @@ import {
   encodeJsonFrame,
   type Frame,
   FrameType,
+  MAX_DEVICE_PACKET_BYTES,
   RAM_PAGE_BYTES,
   type WireEvent,
 } from './wire-format.js';
+
+/** Full-size packet buffers kept for reuse after their bytes went to a device. */
+const SPARE_BUFFERS = 16;
 
 /** Each channel reads into one buffer of this size (see FrameReader). */
 const READ_BUFFER_BYTES = 256 * 1024;
@@ -49,8 +53,8 @@ export interface IncomingOptions {
   /** Aborting it cancels the incoming migration (before the hand-off). */
   signal?: AbortSignal;
   /**
-   * Touch all of guest RAM before listening (QEMU's prealloc=on / -mem-prealloc), so the
-   * incoming stream does not pay the first-touch page faults. Default false.
+   * Fault in all of guest RAM (QEMU's prealloc=on / -mem-prealloc) and the devices' memory before
+   * listening, so the incoming stream does not pay first-touch page faults. Default false.
    */
   prealloc?: boolean;
   /** Longest silence of the source (no byte on any channel) before the destination gives up; default 30 s. */
@@ -135,6 +139,7 @@ export class IncomingMigration {
   #vfioBytes = 0;
   #lastByteMs = performance.now();
   #bytesAtLastCheck = 0;
+  readonly #spareBuffers: Uint8Array[] = [];
   #finish!: (status: MigrationStatus) => void;
   readonly #barrierWaiters = new Map<number, (() => void)[]>();
   #stallTimer: NodeJS.Timeout | undefined;
@@ -203,7 +208,12 @@ export class IncomingMigration {
     resolveIncomingParameters(options.params);
     const { host, port } = parseMigrationUri(options.uri ?? 'tcp:127.0.0.1:0', { allowPortZero: true });
     await machine.startIncoming();
-    if (options.prealloc) for (const block of machine.ram.blocks) block.memory.fill(0);
+    if (options.prealloc) {
+      for (const block of machine.ram.blocks) block.memory.prefault();
+      // Device memory is the device's own (VRAM, on-chip tables): present, not faulted in on load.
+      for (const d of machine.devices)
+        for (const region of d.device.driver.image.regions) region.memory.prefault();
+    }
     const server = createServer({ noDelay: true });
     try {
       await new Promise<void>((resolve, reject) => {
@@ -375,7 +385,10 @@ export class IncomingMigration {
       d.loader = new DeviceStateLoader({
         device: d.name,
         budget: this.#budget,
-        write: (data) => this.#writeDevice(d, data),
+        write: (data) => {
+          this.#writeDevice(d, data);
+          this.#recycle(data);
+        },
         loadConfig: (data) => {
           try {
             this.machine.loadDeviceConfigState(d.name, data);
@@ -537,14 +550,11 @@ export class IncomingMigration {
       return;
     }
     // Buffered until the last byte (≤ 1 MiB: the decoder checked the length before this).
-    channel.body = {
-      kind: 'buffer',
-      device: d,
-      index: frame.index,
-      flags: frame.flags,
-      data: new Uint8Array(frame.bodyBytes),
-      at: 0,
-    };
+    const data =
+      frame.bodyBytes === MAX_DEVICE_PACKET_BYTES
+        ? (this.#spareBuffers.pop() ?? new Uint8Array(MAX_DEVICE_PACKET_BYTES))
+        : new Uint8Array(frame.bodyBytes);
+    channel.body = { kind: 'buffer', device: d, index: frame.index, flags: frame.flags, data, at: 0 };
   }
 
   #onBody(channel: InChannel, bytes: Uint8Array, last: boolean): void | Promise<void> {
@@ -716,6 +726,21 @@ export class IncomingMigration {
         else await this.machine.unplug(block.name, b, 1);
       }
     })();
+  }
+
+  /**
+   * Keep a written full-size packet buffer for the next one (a fresh 1 MiB buffer is mapped and
+   * faulted in anew). Only whole 1 MiB buffers of our own: what the queue counts is what they hold.
+   */
+  #recycle(data: Uint8Array): void {
+    const own = data.byteOffset === 0 && data.byteLength === MAX_DEVICE_PACKET_BYTES;
+    if (
+      own &&
+      data.buffer.byteLength === MAX_DEVICE_PACKET_BYTES &&
+      this.#spareBuffers.length < SPARE_BUFFERS
+    ) {
+      this.#spareBuffers.push(data);
+    }
   }
 
   #writeDevice(d: DestinationDevice, data: Uint8Array): void {

@@ -28,6 +28,7 @@ import {
 } from './migration-info.js';
 import { type MigrationParameters, resolveMigrationParameters } from './migration-params.js';
 import { parseMigrationUri } from './migration-uri.js';
+import { BufferPool } from './buffer-pool.js';
 import { RamSender } from './ram-sender.js';
 import {
   DEVICE_STATE_CONFIG,
@@ -119,6 +120,8 @@ export class OutgoingMigration {
   readonly #aborted: Promise<never>;
   #lastProgressMs = 0;
   #channelPick = 0;
+  /** Reused 1 MiB device-state buffers (a fresh 1 MiB buffer per packet is mapped and faulted in anew). */
+  readonly #buffers = new BufferPool(MAX_DEVICE_PACKET_BYTES, 16);
 
   private constructor(machine: Machine, options: MigrateOptions) {
     this.machine = machine;
@@ -470,16 +473,24 @@ export class OutgoingMigration {
       if (stream === undefined) continue;
       while (performance.now() < deadline && this.#meter.budgetLeft(performance.now()) > 0) {
         await this.#main!.drained();
-        const buffer = new Uint8Array(MAX_DEVICE_PACKET_BYTES);
+        const buffer = await this.#buffers.take();
         let n: number;
         try {
           n = stream.readInto(buffer);
         } catch (err) {
+          this.#buffers.give(buffer);
           if (isErrno(err, 'ENOMSG')) break; // nothing now
           throw this.#deviceError(d, 'precopy read failed', err);
         }
-        if (n === 0) break;
-        this.#main!.send(encodeDeviceFrame(FrameType.DEVICE_PRECOPY, d.index, n), [buffer.subarray(0, n)]);
+        if (n === 0) {
+          this.#buffers.give(buffer);
+          break;
+        }
+        this.#main!.send(
+          encodeDeviceFrame(FrameType.DEVICE_PRECOPY, d.index, n),
+          [buffer.subarray(0, n)],
+          () => this.#buffers.give(buffer),
+        );
         d.stats.precopyBytes += n;
         this.#vfioBytes += n;
         this.#meter.sent(n);
@@ -498,18 +509,22 @@ export class OutgoingMigration {
     let index = 0;
     for (;;) {
       const channel = await this.#pickChannel(channels);
-      const buffer = new Uint8Array(MAX_DEVICE_PACKET_BYTES);
+      const buffer = await this.#buffers.take();
       let n: number;
       try {
         n = stream.readInto(buffer);
       } catch (err) {
+        this.#buffers.give(buffer);
         throw this.#deviceError(d, 'stop-copy read failed', err);
       }
-      if (n === 0) break;
-      channel.send(encodeDeviceState(d.index, index++, 0, n), [buffer.subarray(0, n)]);
+      if (n === 0) {
+        this.#buffers.give(buffer);
+        break;
+      }
+      channel.send(encodeDeviceState(d.index, index++, 0, n), [buffer.subarray(0, n)], () =>
+        this.#buffers.give(buffer),
+      );
       this.#countDeviceState(d, n);
-      // Let the other devices' readers and the sockets run between packets.
-      await new Promise<void>((resolve) => setImmediate(resolve));
     }
     const config = this.machine.deviceConfigState(d.machine.name);
     const channel = await this.#pickChannel(channels);
