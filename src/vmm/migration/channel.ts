@@ -165,6 +165,11 @@ export class FrameReader {
       readBufferBytes?: number;
       /** Told of the failure before the socket is destroyed (to answer on another socket, or this one). */
       onFail?: (err: unknown) => void;
+      /**
+       * With a read buffer: where the next bytes of the current frame's body belong, if the handler
+       * wants them read there directly (guest RAM pages); they then arrive as `placed` body events.
+       */
+      placeBody?: () => Uint8Array | undefined;
     },
   ) {
     this.socket = socket;
@@ -177,15 +182,23 @@ export class FrameReader {
       this.#reject = reject;
     });
     this.done.catch(() => undefined);
-    const onBytes = (chunk: Uint8Array) => {
+    const onBytes = (chunk: Uint8Array, placed = false) => {
       this.#bytes += chunk.length;
-      this.decoder.push(chunk);
+      if (placed) this.decoder.pushPlaced(chunk);
+      else this.decoder.push(chunk);
       this.#pump();
     };
     const staging =
       options.readBufferBytes === undefined ? undefined : new Uint8Array(options.readBufferBytes);
-    if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder))
-      socket.on('data', onBytes);
+    const place = options.placeBody;
+    // Where the next read goes: straight into place while the handler takes a body there and
+    // nothing is buffered or waiting, else the staging buffer.
+    const nextTarget =
+      place === undefined
+        ? undefined
+        : () => (this.#waiting || this.#settled || this.decoder.bufferedBytes > 0 ? undefined : place());
+    if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder, nextTarget))
+      socket.on('data', (chunk: Buffer) => onBytes(chunk));
     socket.on('end', () => {
       this.#ended = true;
       this.#pump();
@@ -279,14 +292,17 @@ function findOnreadSymbols(): typeof onreadSymbols {
  * Make an accepted socket read into `staging` as `net.connect({ onread })` does for a client
  * socket (Node has no such option for server sockets, so its own symbols are set, found on a
  * probe socket). Each read calls `onBytes` with a view of `staging`; what the decoder has not
- * consumed by then is copied out (`detach`) before the next read reuses the buffer. Returns
- * false, changing nothing, where this Node does not have the mechanism.
+ * consumed by then is copied out (`detach`) before the next read reuses the buffer. When
+ * `nextTarget` names a place for the next bytes, the read goes there instead (zero-copy receive,
+ * as QEMU's multifd reads pages into guest RAM). Returns false, changing nothing, where this Node
+ * does not have the mechanism.
  */
 function readIntoBuffer(
   socket: Socket,
   staging: Uint8Array,
-  onBytes: (chunk: Uint8Array) => void,
+  onBytes: (chunk: Uint8Array, placed?: boolean) => void,
   decoder: FrameDecoder,
+  nextTarget: (() => Uint8Array | undefined) | undefined,
 ): boolean {
   const symbols = findOnreadSymbols();
   const handle = (socket as unknown as { _handle?: { useUserBuffer?: (buffer: Uint8Array) => void } })
@@ -294,10 +310,15 @@ function readIntoBuffer(
   if (!symbols || typeof handle?.useUserBuffer !== 'function') return false;
   const fields = socket as unknown as Record<symbol, unknown>;
   fields[symbols.buffer] = staging;
-  fields[symbols.generator] = null;
-  fields[symbols.callback] = (n: number) => {
-    onBytes(staging.subarray(0, n));
-    decoder.detach();
+  // Node asks the generator for the buffer of the next read after each read.
+  fields[symbols.generator] = nextTarget === undefined ? null : () => nextTarget() ?? staging;
+  fields[symbols.callback] = (n: number, buffer: Uint8Array) => {
+    if (buffer === staging) {
+      onBytes(staging.subarray(0, n));
+      decoder.detach();
+    } else {
+      onBytes(buffer.subarray(0, n), true);
+    }
     return true;
   };
   handle.useUserBuffer(staging);

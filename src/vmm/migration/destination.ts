@@ -1,6 +1,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { ResumeStream } from '../../kernel/vfio/mig-data-stream.js';
-import { VfioError } from '../../uapi/error.js';
+import { SEGMENT_BYTES } from '../../kernel/mem/phys-memory.js';
+import { internalError, VfioError } from '../../uapi/error.js';
 import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import type { Machine } from '../machine/machine.js';
 import type { RamBlock } from '../machine/ram-block.js';
@@ -307,6 +308,7 @@ export class IncomingMigration {
         describe: 'an incoming connection',
         phase: () => this.#phase,
         readBufferBytes: READ_BUFFER_BYTES,
+        placeBody: () => this.#placeRam(channel),
         handler: (event) => this.#onHello(channel, event),
         // Fail before the reader destroys the socket, so that the ERROR reaches the source even
         // when this is the main channel (or the connection that was to become it).
@@ -417,7 +419,7 @@ export class IncomingMigration {
   // ---- frames ------------------------------------------------------------------------------------
 
   #onData(channel: InChannel, event: WireEvent): void | Promise<void> {
-    if (event.kind === 'body') return this.#onBody(channel, event.bytes, event.last);
+    if (event.kind === 'body') return this.#onBody(channel, event.bytes, event.last, event.placed ?? false);
     const frame = event.frame;
     if (channel.ended) throw this.#protocol(`multifd channel ${channel.index}: a frame after CHANNEL_END`);
     const main = channel.index === 0;
@@ -557,10 +559,16 @@ export class IncomingMigration {
     channel.body = { kind: 'buffer', device: d, index: frame.index, flags: frame.flags, data, at: 0 };
   }
 
-  #onBody(channel: InChannel, bytes: Uint8Array, last: boolean): void | Promise<void> {
+  #onBody(channel: InChannel, bytes: Uint8Array, last: boolean, placed: boolean): void | Promise<void> {
     const sink = channel.body;
     if (sink === undefined) throw this.#protocol('a frame body nobody expects');
     if (last) channel.body = undefined;
+    if (placed) {
+      // Read straight into the pages #placeRam named: nothing to copy.
+      if (sink.kind !== 'ram') throw internalError(`placed bytes for a ${sink.kind} body`);
+      sink.at += bytes.length;
+      return;
+    }
     switch (sink.kind) {
       case 'ram': {
         // One copy per run of consecutive pages (an idle guest's pages mostly come in runs).
@@ -726,6 +734,30 @@ export class IncomingMigration {
         else await this.machine.unplug(block.name, b, 1);
       }
     })();
+  }
+
+  /**
+   * Where the next bytes of a RAM_PAGES body belong: the guest RAM of the current run of
+   * consecutive pages (within one 1 GiB segment), so the socket reads them there.
+   */
+  #placeRam(channel: InChannel): Uint8Array | undefined {
+    const sink = channel.body;
+    if (sink?.kind !== 'ram') return undefined;
+    const left = channel.reader.decoder.bodyBytesLeft;
+    if (left === 0) return undefined;
+    const index = Math.floor(sink.at / RAM_PAGE_BYTES);
+    const page = sink.pages[index]!;
+    const inPage = sink.at % RAM_PAGE_BYTES;
+    const segmentPages = SEGMENT_BYTES / RAM_PAGE_BYTES;
+    let run = 1;
+    while (
+      sink.pages[index + run] === page + run &&
+      Math.floor((page + run) / segmentPages) === Math.floor(page / segmentPages)
+    ) {
+      run++;
+    }
+    const n = Math.min(run * RAM_PAGE_BYTES - inPage, left);
+    return sink.block.memory.view(page * RAM_PAGE_BYTES + inPage, n);
   }
 
   /**

@@ -136,7 +136,10 @@ export type Frame =
  * What the decoder yields: a frame (header and meta parsed and checked), then its body in one or
  * more pieces (views into the bytes pushed, never copies), the last with `last: true`.
  */
-export type WireEvent = { kind: 'frame'; frame: Frame } | { kind: 'body'; bytes: Uint8Array; last: boolean };
+export type WireEvent =
+  | { kind: 'frame'; frame: Frame }
+  /** `placed`: the bytes were read straight into their destination (see `pushPlaced`). */
+  | { kind: 'body'; bytes: Uint8Array; last: boolean; placed?: true };
 
 /** A broken rule of the format, found while decoding; `next()` reports it in the reader's phase. */
 class WireViolation extends Error {}
@@ -158,6 +161,7 @@ export class FrameDecoder {
   #bodyLeft = 0;
   #failed: MigrationError | undefined;
   #framesDecoded = 0;
+  #placed: Uint8Array | undefined;
   readonly #phase: () => MigrationPhase;
   readonly #where: (() => string) | undefined;
 
@@ -183,6 +187,25 @@ export class FrameDecoder {
   /** Is the decoder between frames (nothing partial pending)? */
   get atFrameBoundary(): boolean {
     return this.#buffered === 0 && this.#bodyLeft === 0;
+  }
+
+  /** Body bytes of the current frame not yet delivered (0 between frames). */
+  get bodyBytesLeft(): number {
+    return this.#bodyLeft;
+  }
+
+  /**
+   * Body bytes the reader had the socket write straight to where they belong (a RAM page run): the
+   * decoder, with nothing else buffered, delivers them as a `placed` body event without looking at
+   * them. They must not exceed what is left of the current body.
+   */
+  pushPlaced(bytes: Uint8Array): void {
+    if (this.#buffered !== 0 || this.#placed !== undefined || bytes.length > this.#bodyLeft) {
+      throw internalError(
+        `${bytes.length} placed bytes with ${this.#buffered} buffered, ${this.#bodyLeft} body left`,
+      );
+    }
+    if (bytes.length > 0) this.#placed = bytes;
   }
 
   /**
@@ -242,6 +265,12 @@ export class FrameDecoder {
   }
 
   #next(): WireEvent | undefined {
+    const placed = this.#placed;
+    if (placed !== undefined) {
+      this.#placed = undefined;
+      this.#bodyLeft -= placed.length;
+      return { kind: 'body', bytes: placed, last: this.#bodyLeft === 0, placed: true };
+    }
     if (this.#bodyLeft > 0) {
       if (this.#buffered === 0) return undefined;
       const chunk = this.#chunks[0]!;
