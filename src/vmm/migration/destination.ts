@@ -31,6 +31,7 @@ import { errorFrame } from './source.js';
 import {
   encodeEmptyFrame,
   encodeJsonFrame,
+  FRAME_HEADER_BYTES,
   type Frame,
   FrameType,
   RAM_PAGE_BYTES,
@@ -280,7 +281,7 @@ export class IncomingMigration {
   // ---- connections and the handshake -----------------------------------------------------------
 
   #accept(socket: Socket): void {
-    if (this.#endMs !== undefined) {
+    if (this.#endMs !== undefined || this.#error !== undefined) {
       socket.destroy();
       return;
     }
@@ -303,7 +304,12 @@ export class IncomingMigration {
     };
     channel.reader.done.then(
       () => this.#channelClosed(channel),
-      (err) => this.#fail(asMigrationError(err, this.#phase, undefined, MigrationErrorCode.CHANNEL)),
+      (err) => {
+        // A failed reader leaves its socket open for #fail to answer on; once the migration is
+        // over there is nothing to answer, so the socket goes now.
+        if (this.#endMs !== undefined) socket.destroy();
+        else void this.#fail(asMigrationError(err, this.#phase, undefined, MigrationErrorCode.CHANNEL));
+      },
     );
   }
 
@@ -336,6 +342,10 @@ export class IncomingMigration {
   }
 
   #acceptMain(channel: InChannel, hello: MainHello): void {
+    // The main channel is the return path from here on, so that a refusal reaches the source as
+    // an ERROR frame (ERR_MIGRATION_INCOMPATIBLE) rather than as a closed connection.
+    channel.index = 0;
+    this.#main = channel;
     const differences = configDifferences(hello.config, describeVm(this.machine));
     if (differences.length > 0) {
       throw new MigrationError(
@@ -345,8 +355,6 @@ export class IncomingMigration {
       );
     }
     this.#hello = hello;
-    channel.index = 0;
-    this.#main = channel;
     this.#startMs = performance.now();
     this.#phase = 'setup';
     for (const d of this.#devices) {
@@ -506,8 +514,11 @@ export class IncomingMigration {
     s.duplicatePages += frame.zero.length;
     s.normalPages += frame.normal.length;
     s.normalBytes += frame.bodyBytes;
-    s.transferredBytes += frame.bodyBytes + 12 + 4 * (frame.normal.length + frame.zero.length);
-    if (channel.index > 0) s.multifdBytes += frame.bodyBytes;
+    // The whole frame (header, meta, pages), as the source counts what it sends.
+    const frameBytes =
+      FRAME_HEADER_BYTES + 12 + 4 * (frame.normal.length + frame.zero.length) + frame.bodyBytes;
+    s.transferredBytes += frameBytes;
+    if (channel.index > 0) s.multifdBytes += frameBytes;
     if (this.#switchedOver) s.downtimeBytes += frame.bodyBytes;
     else s.precopyBytes += frame.bodyBytes;
     if (frame.bodyBytes > 0) channel.body = { kind: 'ram', block, pages: frame.normal, at: 0 };
@@ -758,6 +769,11 @@ export class IncomingMigration {
       // The VM is ours now: a failure to run it is a failed VM here, never a rollback to the source.
       this.#error = asMigrationError(err, 'hand-off');
       this.#finish('failed');
+      // The source, committed, waits for RUNNING: closing tells it now (not at its peer timeout).
+      for (const socket of this.#sockets) socket.end();
+      setTimeout(() => {
+        for (const socket of this.#sockets) socket.destroy();
+      }, 200).unref();
       return;
     }
     for (const d of this.#devices) this.#noteDeviceState(d);
