@@ -107,6 +107,14 @@ export class SendChannel {
     );
   }
 
+  /**
+   * Take no more frames (send() and drained() fail from now on) but keep the connection open until
+   * close(): what is queued still goes out, and the peer sees no end on this channel yet.
+   */
+  halt(): void {
+    this.#error ??= new Error('the migration stopped sending');
+  }
+
   close(): void {
     this.socket.destroy();
   }
@@ -135,7 +143,8 @@ export type EventHandler = (event: WireEvent) => void | Promise<void>;
  * The receiving side of one stream: socket bytes through a FrameDecoder to a handler, one event
  * at a time, pausing the socket while the handler waits. `done` settles when the stream ends at a
  * frame boundary (resolves) or with the first error (rejects): a protocol violation, a truncated
- * stream, a socket error, or a handler failure.
+ * stream, a socket error, or a handler failure. After a failure the socket stays open (paused)
+ * until its owner closes it.
  */
 export class FrameReader {
   readonly socket: Socket;
@@ -223,14 +232,20 @@ export class FrameReader {
     if (describe !== undefined) this.#describe = describe;
   }
 
-  /** Fail the reader (the first failure wins): `onFail` hears it, then the socket is destroyed. */
+  /**
+   * Fail the reader (the first failure wins): `onFail` hears it, the reader stops reading (the
+   * socket is paused) and `done` rejects. Closing the socket is the owner's job: the owner may
+   * still have to write on it (a destination's ERROR frame goes back on the main channel whose
+   * reader failed), and a socket destroyed with unread bytes sends RST, which loses what was
+   * written just before.
+   */
   fail(err: unknown): void {
     if (this.#settled) return;
     this.#settled = true;
     try {
       this.#onFail?.(err);
     } finally {
-      this.socket.destroy();
+      this.socket.pause();
       this.#reject(err);
     }
   }

@@ -32,6 +32,7 @@ import { errorFrame } from './source.js';
 import {
   encodeEmptyFrame,
   encodeJsonFrame,
+  FRAME_HEADER_BYTES,
   type Frame,
   FrameType,
   MAX_DEVICE_PACKET_BYTES,
@@ -121,6 +122,7 @@ export class IncomingMigration {
   readonly #budget: QueueBudget;
   readonly #devices: DestinationDevice[];
   readonly #sockets = new Set<Socket>();
+  readonly #readers = new Set<FrameReader>();
   #startMs = performance.now();
   #setupDoneMs: number | undefined;
   #endMs: number | undefined;
@@ -296,7 +298,7 @@ export class IncomingMigration {
   // ---- connections and the handshake -----------------------------------------------------------
 
   #accept(socket: Socket): void {
-    if (this.#endMs !== undefined) {
+    if (this.#endMs !== undefined || this.#error !== undefined) {
       socket.destroy();
       return;
     }
@@ -323,9 +325,15 @@ export class IncomingMigration {
       wait: 'none',
       body: undefined,
     };
+    this.#readers.add(channel.reader);
     channel.reader.done.then(
       () => this.#channelClosed(channel),
-      (err) => this.#fail(asMigrationError(err, this.#phase, undefined, MigrationErrorCode.CHANNEL)),
+      (err) => {
+        // A failed reader leaves its socket open for #fail to answer on; once the migration is
+        // over there is nothing to answer, so the socket goes now.
+        if (this.#endMs !== undefined) socket.destroy();
+        else void this.#fail(asMigrationError(err, this.#phase, undefined, MigrationErrorCode.CHANNEL));
+      },
     );
   }
 
@@ -358,6 +366,10 @@ export class IncomingMigration {
   }
 
   #acceptMain(channel: InChannel, hello: MainHello): void {
+    // The main channel is the return path from here on, so that a refusal reaches the source as
+    // an ERROR frame (ERR_MIGRATION_INCOMPATIBLE) rather than as a closed connection.
+    channel.index = 0;
+    this.#main = channel;
     const differences = configDifferences(hello.config, describeVm(this.machine));
     if (differences.length > 0) {
       throw new MigrationError(
@@ -367,8 +379,6 @@ export class IncomingMigration {
       );
     }
     this.#hello = hello;
-    channel.index = 0;
-    this.#main = channel;
     this.#startMs = performance.now();
     this.#phase = 'setup';
     for (const d of this.#devices) {
@@ -531,8 +541,11 @@ export class IncomingMigration {
     s.duplicatePages += frame.zero.length;
     s.normalPages += frame.normal.length;
     s.normalBytes += frame.bodyBytes;
-    s.transferredBytes += frame.bodyBytes + 12 + 4 * (frame.normal.length + frame.zero.length);
-    if (channel.index > 0) s.multifdBytes += frame.bodyBytes;
+    // The whole frame (header, meta, pages), as the source counts what it sends.
+    const frameBytes =
+      FRAME_HEADER_BYTES + 12 + 4 * (frame.normal.length + frame.zero.length) + frame.bodyBytes;
+    s.transferredBytes += frameBytes;
+    if (channel.index > 0) s.multifdBytes += frameBytes;
     if (this.#switchedOver) s.downtimeBytes += frame.bodyBytes;
     else s.precopyBytes += frame.bodyBytes;
     if (frame.bodyBytes > 0) channel.body = { kind: 'ram', block, pages: frame.normal, at: 0 };
@@ -822,6 +835,11 @@ export class IncomingMigration {
       // The VM is ours now: a failure to run it is a failed VM here, never a rollback to the source.
       this.#error = asMigrationError(err, 'hand-off');
       this.#finish('failed');
+      // The source, committed, waits for RUNNING: closing tells it now (not at its peer timeout).
+      for (const socket of this.#sockets) socket.end();
+      setTimeout(() => {
+        for (const socket of this.#sockets) socket.destroy();
+      }, 200).unref();
       return;
     }
     for (const d of this.#devices) this.#noteDeviceState(d);
@@ -868,6 +886,8 @@ export class IncomingMigration {
   async #fail(error: MigrationError, handshaking?: Socket): Promise<void> {
     if (this.#endMs !== undefined || this.#error !== undefined) return;
     this.#error = error;
+    // No channel may write guest RAM or a device once this has failed (the RAM is zeroed below).
+    for (const reader of this.#readers) reader.fail(error);
     for (const wake of [...this.#heldRetries]) wake();
     try {
       if (!this.#handedOff) this.#reply(encodeJsonFrame(FrameType.ERROR, errorFrame(error)), handshaking);

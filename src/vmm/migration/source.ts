@@ -67,6 +67,8 @@ interface SourceDevice {
 
 /** Time a precopy step may take before the loop yields and re-evaluates (QEMU's MAX_WAIT). */
 const STEP_MS = 50;
+/** Longest wait, after a rollback's ERROR, for the destination to close before the channels are cut. */
+const ROLLBACK_CLOSE_GRACE_MS = 1000;
 
 /**
  * The source side of a live migration (QEMU's migration thread with VFIO devices and multifd).
@@ -116,6 +118,14 @@ export class OutgoingMigration {
   readonly #rpWaiters = new Map<number, () => void>();
   readonly #rpSeen = new Set<number>();
   #peerFailure: MigrationError | undefined;
+  /**
+   * Why the run ended (set first thing when a phase fails or is cancelled). #race gives up on a
+   * phase at once, but the phase's own code goes on in the background until its next await: it
+   * checks this there and stops, so it never changes devices, the VM or sockets after the rollback.
+   */
+  #ending: MigrationError | undefined;
+  /** The switchover's VM stop while it runs: a rollback waits for it before it restarts the VM. */
+  #stopping: Promise<void> | undefined;
   #abort: (err: MigrationError) => void = () => undefined;
   readonly #aborted: Promise<never>;
   #lastProgressMs = 0;
@@ -238,6 +248,8 @@ export class OutgoingMigration {
       this.#finish('completed');
     } catch (err) {
       const error = asMigrationError(err, this.#phase, undefined, MigrationErrorCode.DEVICE);
+      this.#ending = error;
+      for (const wake of this.#rpWaiters.values()) wake();
       if (this.#committed) {
         // After the commit nothing rolls back: the destination holds the VM (or will, on HANDOFF).
         this.#error = error;
@@ -264,6 +276,10 @@ export class OutgoingMigration {
     this.#phase = 'connect';
     const { host, port } = this.#uri;
     const socket = await openSocket(host, port, this.#peerTimeoutMs);
+    if (this.#ending !== undefined) {
+      socket.destroy();
+      throw this.#ending;
+    }
     this.#main = new SendChannel(0, socket);
     this.#returnPath = new FrameReader(socket, 'to-source', {
       describe: 'return path',
@@ -300,6 +316,10 @@ export class OutgoingMigration {
           openSocket(host, port, this.#peerTimeoutMs),
         ),
       );
+      if (this.#ending !== undefined) {
+        for (const s of sockets) s.destroy();
+        throw this.#ending;
+      }
       this.#channels = sockets.map((s, i) => {
         const channel = new SendChannel(i + 1, s);
         s.on('data', () => channel.close()); // a destination never writes on a multifd channel
@@ -350,6 +370,7 @@ export class OutgoingMigration {
       const deadline = performance.now() + STEP_MS;
       await this.#sendDevicePrecopy(deadline);
       const passEnded = await this.#sendRam(dataChannels, deadline, true);
+      this.#checkEnding();
       this.#progress();
       if (!passEnded) continue;
       this.#round++;
@@ -377,7 +398,9 @@ export class OutgoingMigration {
     this.#phase = 'switchover';
     this.#setStatus('device');
     this.#downtimeStartMs = performance.now();
-    await this.machine.stop();
+    this.#stopping = this.machine.stop();
+    await this.#stopping;
+    this.#checkEnding();
     // Every device to its P2P state first, then all to STOP_COPY (QEMU's prepare + main handlers).
     for (const d of this.#devices) {
       if ((d.flags & BigInt(MigFeature.P2P)) === 0n) continue;
@@ -495,7 +518,8 @@ export class OutgoingMigration {
         this.#vfioBytes += n;
         this.#meter.sent(n);
         this.#refreshPrecopyInfo(d);
-        if (!d.initSent && d.stats.initialBytes === 0) {
+        // INIT_DATA_SENT belongs to the switchover-ack protocol: a destination without it refuses it.
+        if (this.params.switchoverAck && !d.initSent && d.stats.initialBytes === 0) {
           d.initSent = true;
           this.#main!.send(encodeDeviceFrame(FrameType.INIT_DATA_SENT, d.index));
         }
@@ -574,6 +598,11 @@ export class OutgoingMigration {
     return total;
   }
 
+  /** Stop phase work that is still running after the run ended (see #ending). */
+  #checkEnding(): void {
+    if (this.#ending !== undefined) throw this.#ending;
+  }
+
   #canSwitchover(): boolean {
     return !this.params.switchoverAck || this.#acked;
   }
@@ -631,6 +660,7 @@ export class OutgoingMigration {
   async #waitReturn(type: number, what: string): Promise<void> {
     if (this.#rpSeen.has(type)) return;
     if (this.#peerFailure) throw this.#peerFailure;
+    if (this.#ending) throw this.#ending;
     let timer: NodeJS.Timeout | undefined;
     try {
       await new Promise<void>((resolve, reject) => {
@@ -651,7 +681,8 @@ export class OutgoingMigration {
       clearTimeout(timer);
       this.#rpWaiters.delete(type);
     }
-    if (!this.#rpSeen.has(type) && this.#peerFailure) throw this.#peerFailure;
+    const failure = this.#peerFailure ?? this.#ending;
+    if (!this.#rpSeen.has(type) && failure) throw failure;
   }
 
   // ---- devices ---------------------------------------------------------------------------------
@@ -695,12 +726,7 @@ export class OutgoingMigration {
    */
   async #rollback(error: MigrationError): Promise<void> {
     this.#phase = 'cleanup';
-    try {
-      if (this.#main?.writable) this.#main.send(encodeJsonFrame(FrameType.ERROR, errorFrame(error)));
-    } catch {
-      // the destination is gone already
-    }
-    this.#closeChannels();
+    this.#tellAndClose(error);
     this.#stopTracking();
     for (const d of this.#devices) {
       const vfio = this.#device(d);
@@ -723,6 +749,8 @@ export class OutgoingMigration {
       // vCPUs gone (VM destroyed meanwhile)
     }
     this.#meter.throttlePercent = 0;
+    // A VM stop the switchover began completes first, so that the VM is seen stopped and restarted.
+    await this.#stopping?.catch(() => undefined);
     if (this.#wasRunning && this.machine.state === 'stopped') {
       await this.machine.start().catch(() => undefined);
     }
@@ -752,6 +780,30 @@ export class OutgoingMigration {
     }
     this.#tracker = undefined;
     if (this.machine.ram.dirtyLogActive) this.machine.ram.stopDirtyLog();
+  }
+
+  /**
+   * Send ERROR on the main channel and close every channel, in an order that lets the destination
+   * read the reason first: all channels stop taking frames now; main ends after the ERROR; the
+   * multifd channels are cut only when the destination has closed main (it does once it has read
+   * the ERROR) or after ROLLBACK_CLOSE_GRACE_MS. Cut at once, a multifd channel could end (or
+   * end mid-frame) at the destination before it reads the ERROR, and it would report that instead.
+   */
+  #tellAndClose(error: MigrationError): void {
+    const main = this.#main;
+    for (const c of this.#channels) c.halt();
+    try {
+      if (main === undefined || !main.writable) throw new Error('no return path');
+      main.send(encodeJsonFrame(FrameType.ERROR, errorFrame(error)));
+    } catch {
+      this.#closeChannels(); // the destination is gone already
+      return;
+    }
+    main.halt();
+    const cut = () => this.#closeChannels();
+    main.socket.once('close', cut);
+    main.socket.end();
+    setTimeout(cut, ROLLBACK_CLOSE_GRACE_MS).unref();
   }
 
   #closeChannels(): void {
