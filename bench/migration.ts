@@ -1,5 +1,5 @@
 import { type ChildProcess, fork } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
+import { randomFillSync, randomUUID } from 'node:crypto';
 import { connect, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { Host } from '../src/kernel/host/index.js';
@@ -302,7 +302,7 @@ export async function benchHostileSource(
   const config = describeVm(template);
   await template.destroy();
   const channels = 4;
-  const session = '0123456789abcdef-hostile';
+  const session = randomUUID();
   const open = () =>
     new Promise<Socket>((resolve, reject) => {
       const s = connect({ host: '127.0.0.1', port }, () => resolve(s));
