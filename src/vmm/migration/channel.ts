@@ -19,9 +19,13 @@ export class SendChannel {
   #error: Error | undefined;
   readonly #drainWaiters = new Set<() => void>();
 
-  constructor(index: number, socket: Socket) {
+  readonly #phase: () => MigrationPhase;
+
+  /** `phase` names the migration phase a failure of the channel is reported in. */
+  constructor(index: number, socket: Socket, phase: () => MigrationPhase) {
     this.index = index;
     this.socket = socket;
+    this.#phase = phase;
     socket.on('error', (err) => {
       this.#error ??= err;
     });
@@ -97,7 +101,7 @@ export class SendChannel {
     return this.drained(0);
   }
 
-  failure(what: string, phase: MigrationPhase = 'precopy'): MigrationError {
+  failure(what: string, phase: MigrationPhase = this.#phase()): MigrationError {
     const reason = this.#error?.message ?? 'the connection closed';
     return new MigrationError(
       MigrationErrorCode.CHANNEL,

@@ -83,6 +83,8 @@ interface InChannel {
   ended: boolean;
   round: number;
   wait: ChannelWait;
+  /** The buffer a 'held' channel holds. */
+  held?: { device: DestinationDevice; index: number };
   /** The frame whose body is arriving, and where its bytes go. */
   body: BodySink | undefined;
 }
@@ -240,7 +242,8 @@ export class IncomingMigration {
     const bound = server.address();
     const address = { host, port: typeof bound === 'object' && bound !== null ? bound.port : port };
     const incoming = new IncomingMigration(machine, server, address, options);
-    incoming.#setStatus('setup');
+    // After listen()'s caller has resumed, so that listeners attached right away hear it.
+    setImmediate(() => incoming.#setStatus('setup'));
     return incoming;
   }
 
@@ -454,6 +457,7 @@ export class IncomingMigration {
         }
         channel.ended = true;
         this.#checkComplete();
+        this.#checkDeadlock();
         return;
       case FrameType.ERROR:
         throw this.#sourceFailed(frame.json);
@@ -505,6 +509,7 @@ export class IncomingMigration {
         this.#phase = 'stop-copy';
         this.#setStatus('device');
         for (const d of this.#devices) d.loader!.start();
+        this.#checkDeadlock();
         return;
       case FrameType.COMPLETE:
         if (!this.#switchedOver) throw this.#protocol('COMPLETE before SWITCHOVER');
@@ -637,7 +642,8 @@ export class IncomingMigration {
       return;
     }
     channel.wait = 'held';
-    this.#checkDeadlock(d, index);
+    channel.held = { device: d, index };
+    this.#checkDeadlock();
     return new Promise<void>((resolve, reject) => {
       const retry = () => {
         if (this.#error !== undefined) {
@@ -656,6 +662,7 @@ export class IncomingMigration {
         if (again === 'held') return;
         stop();
         channel.wait = 'none';
+        channel.held = undefined;
         resolve();
         this.#guarded(() => this.#checkComplete());
       };
@@ -698,7 +705,7 @@ export class IncomingMigration {
       return;
     }
     channel.wait = 'barrier';
-    this.#checkDeadlock(undefined, undefined);
+    this.#checkDeadlock();
     return new Promise<void>((resolve) => {
       const list = this.#barrierWaiters.get(round) ?? [];
       list.push(() => {
@@ -715,13 +722,14 @@ export class IncomingMigration {
    * honest source never gets here (its packets leave in index order, so the next buffer of some
    * device is always at the head of a channel). Refuse it now rather than wait for the timeout.
    */
-  #checkDeadlock(device: DestinationDevice | undefined, index: number | undefined): void {
+  #checkDeadlock(): void {
+    if (this.#error !== undefined) return;
     const expected = this.#hello?.channels ?? 0;
     const open = [...this.#channels.values()].filter((c) => !c.ended);
     if (this.#channels.size < expected) return; // a channel still to connect may unblock the others
     if (!this.#switchedOver) return; // the main channel's SWITCHOVER may unblock the loaders
-    if (open.some((c) => c.wait === 'none')) return;
-    const held = device !== undefined ? { device, index } : undefined;
+    if (open.length === 0 || open.some((c) => c.wait === 'none')) return;
+    const held = open.find((c) => c.held !== undefined)?.held;
     const message =
       held !== undefined
         ? `queuing state buffer ${held.index} would exceed the size max of ${this.#budget.capBytes} bytes ` +

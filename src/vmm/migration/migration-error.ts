@@ -10,7 +10,10 @@ export const MigrationErrorCode = {
   PROTOCOL: 'ERR_MIGRATION_PROTOCOL',
   /** Device state buffers queued out of order would exceed the destination's cap. */
   QUEUE_LIMIT: 'ERR_MIGRATION_QUEUE_LIMIT',
-  /** A channel closed or failed (connection refused, reset, EOF before the end). */
+  /**
+   * A channel could not be opened or failed (connection refused, reset, a peer gone). A stream that
+   * ends inside a frame or before its CHANNEL_END is ERR_MIGRATION_PROTOCOL: the peer broke it.
+   */
   CHANNEL: 'ERR_MIGRATION_CHANNEL',
   /** A device transition or data stream failed (the kernel's errno is in `errno`). */
   DEVICE: 'ERR_MIGRATION_DEVICE',

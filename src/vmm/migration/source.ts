@@ -238,6 +238,8 @@ export class OutgoingMigration {
     const onAbort = () => this.cancel();
     this.#signal?.addEventListener('abort', onAbort);
     if (this.#signal?.aborted) this.cancel();
+    // After start() has returned, so that listeners attached right away hear it.
+    await Promise.resolve();
     this.#emit({ type: 'status', status: 'setup', info: this.query() });
     try {
       await this.#race(this.#connect());
@@ -280,7 +282,7 @@ export class OutgoingMigration {
       socket.destroy();
       throw this.#ending;
     }
-    this.#main = new SendChannel(0, socket);
+    this.#main = new SendChannel(0, socket, () => this.#phase);
     this.#returnPath = new FrameReader(socket, 'to-source', {
       describe: 'return path',
       phase: () => this.#phase,
@@ -321,7 +323,7 @@ export class OutgoingMigration {
         throw this.#ending;
       }
       this.#channels = sockets.map((s, i) => {
-        const channel = new SendChannel(i + 1, s);
+        const channel = new SendChannel(i + 1, s, () => this.#phase);
         s.on('data', () => channel.close()); // a destination never writes on a multifd channel
         channel.send(
           encodeJsonFrame(FrameType.HELLO, {
@@ -368,7 +370,8 @@ export class OutgoingMigration {
     const dataChannels = this.#dataChannels();
     for (;;) {
       const deadline = performance.now() + STEP_MS;
-      await this.#sendDevicePrecopy(deadline);
+      // Devices get at most half of a step, so RAM is never starved by device data.
+      await this.#sendDevicePrecopy(deadline - STEP_MS / 2);
       const passEnded = await this.#sendRam(dataChannels, deadline, true);
       this.#checkEnding();
       this.#progress();
@@ -457,7 +460,7 @@ export class OutgoingMigration {
           return c;
         }
       }
-      for (const c of channels) if (!c.writable) throw c.failure('send', this.#phase);
+      for (const c of channels) if (!c.writable) throw c.failure('send');
       await anyDrained(channels);
     }
   }

@@ -88,7 +88,7 @@ export async function destroyAll(): Promise<void> {
 
 /** What a migration reported through onEvent: statuses and each device's states, in order. */
 export interface Recorder {
-  /** Status changes, starting with the status the migration had when recording began. */
+  /** Status changes as the events report them (the first is 'setup', emitted after start/listen returned). */
   statuses: MigrationStatus[];
   /** Device → its states, starting with the state it had when recording began. */
   devices: Map<string, string[]>;
@@ -103,7 +103,7 @@ export function record(
   onEvent?: (event: MigrationEvent) => void,
 ): Recorder {
   const rec: Recorder = {
-    statuses: [migration.status],
+    statuses: [],
     devices: new Map(machine.devices.map((d) => [d.name, [migStateName(d.device.vfio.getMigDeviceState())]])),
     throttles: [],
     events: [],
