@@ -270,16 +270,7 @@ export class Machine {
     return this.#serialized(async () => {
       if (this.#state === 'stopped') return this.#resume();
       if (this.#state !== 'created') throw invalidArgument(`VM ${this.name} is ${this.#state}, cannot start`);
-      this.#setState('starting');
-      try {
-        await this.#bringUp();
-      } catch (err) {
-        await this.#tearDown();
-        const error = err instanceof VfioError ? err : new MachineFailedError(this.name, String(err), err);
-        this.#error = error;
-        this.#setState('failed');
-        throw error;
-      }
+      await this.#bringUpOrFail({ paused: false });
       this.#setState('running');
     });
   }
@@ -293,16 +284,7 @@ export class Machine {
     return this.#serialized(async () => {
       if (this.#state !== 'created')
         throw invalidArgument(`VM ${this.name} is ${this.#state}, cannot take a migration`);
-      this.#setState('starting');
-      try {
-        await this.#bringUp({ paused: true });
-      } catch (err) {
-        await this.#tearDown();
-        const error = err instanceof VfioError ? err : new MachineFailedError(this.name, String(err), err);
-        this.#error = error;
-        this.#setState('failed');
-        throw error;
-      }
+      await this.#bringUpOrFail({ paused: true });
       this.#setState('incoming');
     });
   }
@@ -502,7 +484,21 @@ export class Machine {
 
   // ---- internals ------------------------------------------------------------------------------
 
-  async #bringUp(options: { paused?: boolean } = {}): Promise<void> {
+  /** 'starting', then bring up; a refusal undoes everything, leaves the VM 'failed' and rejects. */
+  async #bringUpOrFail(options: { paused: boolean }): Promise<void> {
+    this.#setState('starting');
+    try {
+      await this.#bringUp(options);
+    } catch (err) {
+      await this.#tearDown();
+      const error = err instanceof VfioError ? err : new MachineFailedError(this.name, String(err), err);
+      this.#error = error;
+      this.#setState('failed');
+      throw error;
+    }
+  }
+
+  async #bringUp(options: { paused: boolean }): Promise<void> {
     const def = this.definition;
     const assigned = this.#devices.map((d) => ({
       name: d.name,
@@ -536,7 +532,7 @@ export class Machine {
     this.#vcpus = await VcpuSet.start(this.ram, {
       count: def.vcpuCount,
       workload: def.vcpuWorkload,
-      startPaused: options.paused ?? false,
+      startPaused: options.paused,
     });
     if (!options.paused) this.#loop.start();
   }

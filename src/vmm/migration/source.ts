@@ -495,23 +495,12 @@ export class OutgoingMigration {
   /** Read what precopy devices have now (≤ 1 MiB per read) and send it on the main channel. */
   async #sendDevicePrecopy(deadline: number): Promise<void> {
     for (const d of this.#devices) {
-      const stream = d.stream;
-      if (stream === undefined) continue;
+      if (d.stream === undefined) continue;
       while (performance.now() < deadline && this.#meter.budgetLeft(performance.now()) > 0) {
         await this.#main!.drained();
-        const buffer = await this.#buffers.take();
-        let n: number;
-        try {
-          n = stream.readInto(buffer);
-        } catch (err) {
-          this.#buffers.give(buffer);
-          if (isErrno(err, 'ENOMSG')) break; // nothing now
-          throw this.#deviceError(d, 'precopy read failed', err);
-        }
-        if (n === 0) {
-          this.#buffers.give(buffer);
-          break;
-        }
+        const read = await this.#readDevice(d, 'precopy');
+        if (read === undefined) break; // nothing now (ENOMSG, or the end)
+        const { buffer, n } = read;
         this.#main!.send(
           encodeDeviceFrame(FrameType.DEVICE_PRECOPY, d.index, n),
           [buffer.subarray(0, n)],
@@ -530,24 +519,38 @@ export class OutgoingMigration {
     }
   }
 
+  /**
+   * read(2) of ≤ 1 MiB of a device's data stream into a pooled buffer: undefined when there is
+   * nothing (ENOMSG in precopy, 0 at the end of stop-copy), the buffer back in the pool then.
+   */
+  async #readDevice(
+    d: SourceDevice,
+    what: 'precopy' | 'stop-copy',
+  ): Promise<{ buffer: Uint8Array; n: number } | undefined> {
+    const buffer = await this.#buffers.take();
+    let n: number;
+    try {
+      n = d.stream!.readInto(buffer);
+    } catch (err) {
+      this.#buffers.give(buffer);
+      if (what === 'precopy' && isErrno(err, 'ENOMSG')) return undefined;
+      throw this.#deviceError(d, `${what} read failed`, err);
+    }
+    if (n === 0) {
+      this.#buffers.give(buffer);
+      return undefined;
+    }
+    return { buffer, n };
+  }
+
   /** A device's whole stop-copy state, then its config state, as index-numbered packets over the channels. */
   async #sendDeviceState(d: SourceDevice, channels: SendChannel[]): Promise<void> {
-    const stream = d.stream!;
     let index = 0;
     for (;;) {
       const channel = await this.#pickChannel(channels);
-      const buffer = await this.#buffers.take();
-      let n: number;
-      try {
-        n = stream.readInto(buffer);
-      } catch (err) {
-        this.#buffers.give(buffer);
-        throw this.#deviceError(d, 'stop-copy read failed', err);
-      }
-      if (n === 0) {
-        this.#buffers.give(buffer);
-        break;
-      }
+      const read = await this.#readDevice(d, 'stop-copy');
+      if (read === undefined) break; // the end of the device's state
+      const { buffer, n } = read;
       channel.send(encodeDeviceState(d.index, index++, 0, n), [buffer.subarray(0, n)], () =>
         this.#buffers.give(buffer),
       );
