@@ -147,7 +147,7 @@ export interface RamThroughputRow {
  * Benchmark 1: a 2 GiB idle guest of random content migrated with 1, 2 and 4 channels, against
  * raw loopback TCP with as many connections in the same run; the best of `runs` of each.
  */
-export async function benchRamThroughput(ramBytes = 2 * GiB, runs = 2): Promise<RamThroughputRow[]> {
+export async function benchRamThroughput(ramBytes = 2 * GiB, runs = 3): Promise<RamThroughputRow[]> {
   const rows: RamThroughputRow[] = [];
   for (const channels of [1, 2, 4]) {
     let migration = 0;
@@ -394,7 +394,7 @@ export async function migrationResults(): Promise<BenchResult[]> {
         },
       ]),
       notes: [
-        'Source and destination are two forked processes (bench/migration-peer.ts) talking over loopback TCP, as two software hosts do; the destination preallocates guest RAM (prealloc=on). Best of 2 runs each, the raw baseline run just before each migration.',
+        'Source and destination are two forked processes (bench/migration-peer.ts) talking over loopback TCP, as two software hosts do; the destination preallocates guest RAM (prealloc=on). Best of 3 runs each, the raw baseline run just before each migration.',
         'Raw TCP: 512 KiB writes from one process, a receiver that only counts bytes. The migration adds framing, the zero-page test, the dirty bitmap and the copy into guest RAM on the destination.',
       ],
     },
