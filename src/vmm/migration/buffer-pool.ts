@@ -1,6 +1,7 @@
 /**
  * A bounded set of equal buffers handed out and given back: `take()` waits while all `count` are
- * out. A buffer given to a socket comes back when the socket has written it.
+ * out. A buffer given to a socket comes back when the socket has written it. The buffers are
+ * shared memory, so a channel thread writes them without a copy.
  */
 export class BufferPool {
   readonly bufferBytes: number;
@@ -19,7 +20,7 @@ export class BufferPool {
     if (free !== undefined) return Promise.resolve(free);
     if (this.#made < this.count) {
       this.#made++;
-      return Promise.resolve(new Uint8Array(this.bufferBytes));
+      return Promise.resolve(new Uint8Array(new SharedArrayBuffer(this.bufferBytes)));
     }
     return new Promise((resolve) => this.#waiters.push(resolve));
   }

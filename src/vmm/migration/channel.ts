@@ -6,12 +6,35 @@ import { FrameDecoder, type WireDirection, type WireEvent } from './wire-format.
 /** Bytes a sending channel may have queued in its socket before the sender waits for it to drain. */
 export const CHANNEL_HIGH_WATER_BYTES = 4 << 20;
 
+/** What the source sends frames through: a socket here (SendChannel) or in a channel thread. */
+export interface FrameSender {
+  readonly index: number;
+  readonly kind: 'main' | 'multifd';
+  readonly bytesSent: number;
+  /** Frames sent so far (CHANNEL_END reports it). */
+  readonly framesSent: number;
+  /** Bytes sent and not yet taken by the kernel. */
+  readonly backlog: number;
+  readonly writable: boolean;
+  /** One frame: header (with meta) and body pieces; `onSent` once the bytes are no longer needed. */
+  send(header: Uint8Array, body?: readonly Uint8Array[], onSent?: () => void): void;
+  /** Resolves once the backlog is at most `highWater`; rejects if the channel failed. */
+  drained(highWater?: number): Promise<void>;
+  flushed(): Promise<void>;
+  failure(what: string, phase?: MigrationPhase): MigrationError;
+  /** Take no more frames but keep the connection until close(). */
+  halt(): void;
+  close(): void;
+  /** Call `waiter` when the backlog shrinks (or the channel fails); returns the function that cancels it. */
+  onDrain(waiter: () => void): () => void;
+}
+
 /**
  * The sending side of one channel: frames written to a TCP socket, counted. Bodies are written as
  * given (views of guest RAM or device buffers, not copied): what the socket has not taken yet
  * stays referenced until it has.
  */
-export class SendChannel {
+export class SendChannel implements FrameSender {
   readonly index: number;
   readonly socket: Socket;
   #bytes = 0;
@@ -125,7 +148,7 @@ export class SendChannel {
 }
 
 /** Resolves when any of `channels` drains (or closes). */
-export function anyDrained(channels: readonly SendChannel[]): Promise<void> {
+export function anyDrained(channels: readonly FrameSender[]): Promise<void> {
   return new Promise<void>((resolve) => {
     const cancels = channels.map((c) =>
       c.onDrain(() => {

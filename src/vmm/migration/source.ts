@@ -6,7 +6,8 @@ import { isErrnoName } from '../../uapi/errno.js';
 import { isErrno, VfioError } from '../../uapi/error.js';
 import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import type { Machine, MachineDevice } from '../machine/machine.js';
-import { anyDrained, FrameReader, SendChannel } from './channel.js';
+import { anyDrained, FrameReader, type FrameSender, SendChannel } from './channel.js';
+import { ChannelThreads } from './thread-channels.js';
 import { ConvergenceMeter } from './convergence.js';
 import { DeviceDirtyTracker } from './dirty-tracking.js';
 import {
@@ -104,7 +105,8 @@ export class OutgoingMigration {
   #cancelled = false;
   #main: SendChannel | undefined;
   #returnPath: FrameReader | undefined;
-  #channels: SendChannel[] = [];
+  #channels: FrameSender[] = [];
+  #threads: ChannelThreads | undefined;
   #ram: RamSender;
   #tracker: DeviceDirtyTracker | undefined;
   #meter: ConvergenceMeter;
@@ -313,18 +315,19 @@ export class OutgoingMigration {
     this.#main.send(encodeJsonFrame(FrameType.HELLO, hello));
     await this.#waitReturn(FrameType.ACCEPT, 'the handshake');
     if (this.params.multifd) {
-      const sockets = await Promise.all(
-        Array.from({ length: this.params.multifdChannels }, () =>
-          openSocket(host, port, this.#peerTimeoutMs),
+      // The multifd sockets live in channel threads, which do their writes (QEMU's send threads).
+      const threads = new ChannelThreads(this.params.multifdChannels);
+      this.#threads = threads;
+      const opened = await Promise.allSettled(
+        Array.from({ length: this.params.multifdChannels }, (_, i) =>
+          threads.open(i + 1, host, port, this.#peerTimeoutMs, () => this.#phase),
         ),
       );
-      if (this.#ending !== undefined) {
-        for (const s of sockets) s.destroy();
-        throw this.#ending;
-      }
-      this.#channels = sockets.map((s, i) => {
-        const channel = new SendChannel(i + 1, s, () => this.#phase);
-        s.on('data', () => channel.close()); // a destination never writes on a multifd channel
+      this.#channels = opened.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+      const refused = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (refused !== undefined) throw refused.reason;
+      if (this.#ending !== undefined) throw this.#ending;
+      this.#channels.forEach((channel, i) => {
         channel.send(
           encodeJsonFrame(FrameType.HELLO, {
             magic: PROTOCOL_MAGIC,
@@ -334,7 +337,6 @@ export class OutgoingMigration {
             channel: i + 1,
           }),
         );
-        return channel;
       });
     }
   }
@@ -446,12 +448,12 @@ export class OutgoingMigration {
 
   // ---- RAM and device data ---------------------------------------------------------------------
 
-  #dataChannels(): SendChannel[] {
+  #dataChannels(): FrameSender[] {
     return this.#channels.length > 0 ? this.#channels : [this.#main!];
   }
 
   /** A channel with room in its socket (least backlog first, round robin among equals). */
-  async #pickChannel(channels: SendChannel[]): Promise<SendChannel> {
+  async #pickChannel(channels: FrameSender[]): Promise<FrameSender> {
     for (;;) {
       for (let i = 0; i < channels.length; i++) {
         const c = channels[(this.#channelPick + i) % channels.length]!;
@@ -466,7 +468,7 @@ export class OutgoingMigration {
   }
 
   /** Send dirty pages until the pass ends (true) or the deadline passes (false). */
-  async #sendRam(channels: SendChannel[], deadline: number, live: boolean): Promise<boolean> {
+  async #sendRam(channels: FrameSender[], deadline: number, live: boolean): Promise<boolean> {
     for (;;) {
       if (live) {
         const now = performance.now();
@@ -544,7 +546,7 @@ export class OutgoingMigration {
   }
 
   /** A device's whole stop-copy state, then its config state, as index-numbered packets over the channels. */
-  async #sendDeviceState(d: SourceDevice, channels: SendChannel[]): Promise<void> {
+  async #sendDeviceState(d: SourceDevice, channels: FrameSender[]): Promise<void> {
     let index = 0;
     for (;;) {
       const channel = await this.#pickChannel(channels);
@@ -815,6 +817,9 @@ export class OutgoingMigration {
   #closeChannels(): void {
     for (const c of this.#channels) c.close();
     this.#main?.close();
+    // The threads' sockets go with them.
+    void this.#threads?.close();
+    this.#threads = undefined;
   }
 
   #finish(status: MigrationStatus): void {

@@ -139,7 +139,11 @@ describe('auto-converge', { timeout: 120_000 }, () => {
     assert.ok(info.ram.dirtyPagesRate > 0, 'the dirty rate is measured all the same');
     assert.ok(info.expectedDowntimeMs !== undefined && info.expectedDowntimeMs > 0);
     // query() while active: sane and monotonic, and the iteration count really grows.
-    assertMonotonic(samples, 2);
+    // The multifd channels are listed once connected (their threads start during setup).
+    assertMonotonic(
+      samples.filter((x) => x.status !== 'setup'),
+      2,
+    );
     assert.ok(samples.length >= 10);
     assert.ok(samples.at(-1)!.ram.dirtySyncCount >= samples[0]!.ram.dirtySyncCount + 4);
     assert.ok(samples.at(-1)!.ram.transferredBytes > samples[0]!.ram.transferredBytes);
@@ -197,7 +201,11 @@ describe('max-bandwidth', { timeout: 120_000 }, () => {
     // 100 ms slot carried more than its budget plus one packet.
     const active = samples.filter((s) => s.status === 'active');
     assert.ok(active.length >= 10, `${active.length} samples while active`);
-    assertMonotonic(samples, 2);
+    // The multifd channels are listed once connected (their threads start during setup).
+    assertMonotonic(
+      samples.filter((x) => x.status !== 'setup'),
+      2,
+    );
     for (const s of active) {
       assert.ok(s.bandwidthBytesPerMs * 100 <= slotMax, `bandwidth ${s.bandwidthBytesPerMs} bytes/ms`);
       assert.equal(s.cpuThrottlePercentage, 0);

@@ -1,0 +1,200 @@
+import { availableParallelism } from 'node:os';
+import { Worker } from 'node:worker_threads';
+import { MigrationError, MigrationErrorCode } from './migration-error.js';
+import type { MigrationPhase } from './migration-info.js';
+import type { FromChannelThread, ToChannelThread } from './channel-thread-protocol.js';
+import type { FrameSender } from './channel.js';
+
+/**
+ * The threads that own the source's multifd sockets (QEMU's multifd send threads): at most one
+ * per core, channels spread over them. `open` connects a channel in its thread and returns its
+ * sender; `close` ends the threads.
+ */
+export class ChannelThreads {
+  readonly #threads: Worker[] = [];
+  readonly #channels = new Map<number, ThreadSendChannel>();
+  readonly #opening = new Map<number, { resolve: () => void; reject: (err: MigrationError) => void }>();
+
+  constructor(channels: number) {
+    const count = Math.max(1, Math.min(channels, availableParallelism()));
+    for (let i = 0; i < count; i++) {
+      const thread = new Worker(new URL('./channel-thread.js', import.meta.url), {
+        name: `multifd-send${i}`,
+      });
+      thread.unref();
+      thread.on('message', (message: FromChannelThread) => this.#onMessage(message));
+      thread.on('error', (err) => {
+        for (const c of this.#channels.values()) c.onFailed(`its thread failed: ${err.message}`);
+      });
+      this.#threads.push(thread);
+    }
+  }
+
+  /** Connect channel `index` to the destination; rejects like a refused connection. */
+  async open(
+    index: number,
+    host: string,
+    port: number,
+    timeoutMs: number,
+    phase: () => MigrationPhase,
+  ): Promise<ThreadSendChannel> {
+    const thread = this.#threads[(index - 1) % this.#threads.length]!;
+    const channel = new ThreadSendChannel(index, (m) => thread.postMessage(m), phase);
+    this.#channels.set(index, channel);
+    await new Promise<void>((resolve, reject) => {
+      this.#opening.set(index, { resolve, reject });
+      const open: ToChannelThread = { op: 'open', channel: index, host, port, timeoutMs };
+      thread.postMessage(open);
+    });
+    return channel;
+  }
+
+  /** End every thread (their sockets go with them). */
+  async close(): Promise<void> {
+    await Promise.all(this.#threads.map((t) => t.terminate()));
+  }
+
+  #onMessage(message: FromChannelThread): void {
+    const channel = this.#channels.get(message.channel);
+    switch (message.op) {
+      case 'opened':
+        this.#opening.get(message.channel)?.resolve();
+        this.#opening.delete(message.channel);
+        return;
+      case 'refused': {
+        const code = message.timedOut ? MigrationErrorCode.TIMEOUT : MigrationErrorCode.CHANNEL;
+        this.#opening
+          .get(message.channel)
+          ?.reject(
+            new MigrationError(
+              code,
+              'connect',
+              `multifd channel ${message.channel}: cannot connect: ${message.message}`,
+            ),
+          );
+        this.#opening.delete(message.channel);
+        return;
+      }
+      case 'sent':
+        channel?.onSent(message.seq, message.bytes);
+        return;
+      case 'failed':
+        channel?.onFailed(message.message);
+        return;
+      case 'closed':
+        channel?.onFailed('the connection closed');
+        return;
+    }
+  }
+}
+
+/**
+ * A multifd channel whose socket lives in a channel thread: the same face as SendChannel, with
+ * the backlog counted from frames posted until the thread says the kernel has them.
+ */
+export class ThreadSendChannel implements FrameSender {
+  readonly index: number;
+  readonly kind = 'multifd' as const;
+  readonly #post: (message: ToChannelThread) => void;
+  readonly #phase: () => MigrationPhase;
+  readonly #onSent = new Map<number, () => void>();
+  readonly #drainWaiters = new Set<() => void>();
+  #seq = 0;
+  #inflight = 0;
+  #bytes = 0;
+  #frames = 0;
+  #error: string | undefined;
+  #halted = false;
+
+  constructor(index: number, post: (message: ToChannelThread) => void, phase: () => MigrationPhase) {
+    this.index = index;
+    this.#post = post;
+    this.#phase = phase;
+  }
+
+  get bytesSent(): number {
+    return this.#bytes;
+  }
+
+  get framesSent(): number {
+    return this.#frames;
+  }
+
+  get backlog(): number {
+    return this.#inflight;
+  }
+
+  get writable(): boolean {
+    return this.#error === undefined && !this.#halted;
+  }
+
+  send(header: Uint8Array, body: readonly Uint8Array[] = [], onSent?: () => void): void {
+    if (!this.writable) throw this.failure('send');
+    const seq = ++this.#seq;
+    // Views of shared memory (guest RAM, pooled device buffers) cross to the thread as they are; a
+    // view of an ordinary buffer would be cloned with all of its ArrayBuffer, so it is cut to size.
+    const pieces = [header, ...body].map((p) => (p.buffer instanceof SharedArrayBuffer ? p : p.slice()));
+    const n = pieces.reduce((sum, p) => sum + p.length, 0);
+    if (onSent !== undefined) this.#onSent.set(seq, onSent);
+    this.#inflight += n;
+    this.#bytes += n;
+    this.#frames++;
+    this.#post({ op: 'send', channel: this.index, seq, pieces });
+  }
+
+  onDrain(waiter: () => void): () => void {
+    const once = () => {
+      this.#drainWaiters.delete(once);
+      waiter();
+    };
+    this.#drainWaiters.add(once);
+    return () => void this.#drainWaiters.delete(once);
+  }
+
+  async drained(highWater = 4 << 20): Promise<void> {
+    while (this.#inflight > highWater) {
+      if (this.#error !== undefined) throw this.failure('send');
+      await new Promise<void>((resolve) => this.onDrain(resolve));
+    }
+    if (!this.writable) throw this.failure('send');
+  }
+
+  flushed(): Promise<void> {
+    return this.drained(0);
+  }
+
+  failure(what: string, phase: MigrationPhase = this.#phase()): MigrationError {
+    const reason = this.#error ?? (this.#halted ? 'the migration stopped sending' : 'the connection closed');
+    return new MigrationError(
+      MigrationErrorCode.CHANNEL,
+      phase,
+      `multifd channel ${this.index}: ${what}: ${reason}`,
+    );
+  }
+
+  halt(): void {
+    this.#halted = true;
+  }
+
+  close(): void {
+    this.#post({ op: 'close', channel: this.index });
+  }
+
+  /** The thread handed frame `seq` to the kernel (or dropped it with a dead socket). */
+  onSent(seq: number, bytes: number): void {
+    this.#inflight -= bytes;
+    const callback = this.#onSent.get(seq);
+    this.#onSent.delete(seq);
+    callback?.();
+    this.#wake();
+  }
+
+  onFailed(reason: string): void {
+    this.#error ??= reason;
+    this.#wake();
+  }
+
+  #wake(): void {
+    for (const waiter of [...this.#drainWaiters]) waiter();
+  }
+}
