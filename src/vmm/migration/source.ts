@@ -66,6 +66,12 @@ interface SourceDevice {
   initSent: boolean;
 }
 
+/**
+ * A channel takes another frame while less than this is on its way to the kernel: enough to keep
+ * a socket busy while the channel thread reports back, little enough to share work among channels.
+ */
+const PICK_BACKLOG_BYTES = 4 << 20;
+
 /** Time a precopy step may take before the loop yields and re-evaluates (QEMU's MAX_WAIT). */
 const STEP_MS = 50;
 /** Longest wait, after a rollback's ERROR, for the destination to close before the channels are cut. */
@@ -457,7 +463,7 @@ export class OutgoingMigration {
     for (;;) {
       for (let i = 0; i < channels.length; i++) {
         const c = channels[(this.#channelPick + i) % channels.length]!;
-        if (c.backlog < 1 << 20) {
+        if (c.backlog < PICK_BACKLOG_BYTES) {
           this.#channelPick = (this.#channelPick + i + 1) % channels.length;
           return c;
         }
