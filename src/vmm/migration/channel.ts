@@ -228,11 +228,20 @@ export class FrameReader {
       options.readBufferBytes === undefined ? undefined : new Uint8Array(options.readBufferBytes);
     const place = options.placeBody;
     // Where the next read goes: straight into place while the handler takes a body there and
-    // nothing is buffered or waiting, else the staging buffer.
+    // nothing is buffered or waiting; else into staging, then only as much as the frame's header
+    // and meta still need (so the body that follows is placed, not copied), or all of it.
     const nextTarget =
-      place === undefined
+      place === undefined || staging === undefined
         ? undefined
-        : () => (this.#waiting || this.#settled || this.decoder.bufferedBytes > 0 ? undefined : place());
+        : (): Uint8Array | undefined => {
+            if (this.#waiting || this.#settled) return undefined;
+            if (this.decoder.bufferedBytes === 0) {
+              const target = place();
+              if (target !== undefined) return target;
+            }
+            const missing = this.decoder.headerBytesMissing;
+            return missing > 0 && missing < staging.length ? staging.subarray(0, missing) : undefined;
+          };
     if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder, nextTarget))
       socket.on('data', (chunk: Buffer) => onBytes(chunk));
     socket.on('end', () => {
@@ -355,8 +364,8 @@ function readIntoBuffer(
   // Node asks the generator for the buffer of the next read after each read.
   fields[symbols.generator] = nextTarget === undefined ? null : () => nextTarget() ?? staging;
   fields[symbols.callback] = (n: number, buffer: Uint8Array) => {
-    if (buffer === staging) {
-      onBytes(staging.subarray(0, n));
+    if (buffer.buffer === staging.buffer) {
+      onBytes(buffer.subarray(0, n));
       decoder.detach();
     } else {
       onBytes(buffer.subarray(0, n), true);

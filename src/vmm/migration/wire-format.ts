@@ -189,6 +189,18 @@ export class FrameDecoder {
     return this.#buffered === 0 && this.#bodyLeft === 0;
   }
 
+  /**
+   * Bytes still missing before the current frame's header and meta are complete: 0 inside a body
+   * (a reader that places bodies reads just these, so no body byte lands in its staging buffer).
+   */
+  get headerBytesMissing(): number {
+    if (this.#bodyLeft > 0 || this.#placed !== undefined) return 0;
+    if (this.#buffered < FRAME_HEADER_BYTES) return FRAME_HEADER_BYTES - this.#buffered;
+    const header = this.#peek(FRAME_HEADER_BYTES);
+    const metaBytes = new DataView(header.buffer, header.byteOffset, FRAME_HEADER_BYTES).getUint32(4);
+    return Math.max(0, FRAME_HEADER_BYTES + Math.min(metaBytes, MAX_META_BYTES + 1) - this.#buffered);
+  }
+
   /** Body bytes of the current frame not yet delivered (0 between frames). */
   get bodyBytesLeft(): number {
     return this.#bodyLeft;
