@@ -485,6 +485,42 @@ describe('wire format: a pull-based decoder', () => {
     decoder.end();
   });
 
+  test('a reader that places bodies: headerBytesMissing says what to read, pushPlaced delivers body bytes in place', () => {
+    const normal = [7, 8, 9];
+    const header = encodeRamPages(0, normal, [3]);
+    const decoder = new FrameDecoder('to-destination');
+    assert.equal(decoder.headerBytesMissing, FRAME_HEADER_BYTES);
+    decoder.push(header.subarray(0, 5));
+    assert.equal(decoder.headerBytesMissing, FRAME_HEADER_BYTES - 5);
+    decoder.push(header.subarray(5, FRAME_HEADER_BYTES));
+    assert.equal(decoder.headerBytesMissing, header.length - FRAME_HEADER_BYTES, 'the meta is next');
+    decoder.push(header.subarray(FRAME_HEADER_BYTES));
+    assert.equal(decoder.headerBytesMissing, 0);
+    const frame = decoder.next();
+    assert.ok(frame?.kind === 'frame' && frame.frame.type === FrameType.RAM_PAGES);
+    assert.equal(decoder.bodyBytesLeft, 3 * RAM_PAGE_BYTES);
+    assert.equal(decoder.headerBytesMissing, 0, 'inside a body');
+    // the socket wrote two pages where they belong, then the last one
+    const pages = new Uint8Array(3 * RAM_PAGE_BYTES);
+    decoder.pushPlaced(pages.subarray(0, 2 * RAM_PAGE_BYTES));
+    assert.deepEqual(decoder.next(), {
+      kind: 'body',
+      bytes: pages.subarray(0, 2 * RAM_PAGE_BYTES),
+      last: false,
+      placed: true,
+    });
+    assert.equal(decoder.bodyBytesLeft, RAM_PAGE_BYTES);
+    assert.throws(() => decoder.pushPlaced(new Uint8Array(RAM_PAGE_BYTES + 1)), /ERR_INTERNAL|placed bytes/);
+    decoder.pushPlaced(pages.subarray(2 * RAM_PAGE_BYTES));
+    const last = decoder.next();
+    assert.ok(last?.kind === 'body' && last.placed === true && last.last);
+    assert.ok(decoder.atFrameBoundary);
+    assert.equal(decoder.headerBytesMissing, FRAME_HEADER_BYTES);
+    // placing while bytes are buffered would reorder the stream: a bug, refused
+    decoder.push(encodeU32Frame(FrameType.SYNC, 1).subarray(0, 3));
+    assert.throws(() => decoder.pushPlaced(new Uint8Array(1)));
+  });
+
   test('empty pushes are ignored', () => {
     const decoder = new FrameDecoder('to-source');
     decoder.push(new Uint8Array(0));
