@@ -33,6 +33,8 @@ export interface PeerResult {
   digest: string;
   /** Destination: RSS before the source connected (guest RAM preallocated) and the peak during the migration. */
   rss?: { beforeBytes: number; peakBytes: number; guestRamBytes: number };
+  /** Destination: share of the time its event loop was busy, from the handshake to the end. */
+  eventLoopUtilization?: number;
 }
 
 const send = (message: unknown) => process.send!(message);
@@ -49,14 +51,20 @@ async function destination(request: Extract<PeerRequest, { role: 'destination' }
   const sampler = setInterval(() => {
     peakBytes = Math.max(peakBytes, process.memoryUsage.rss());
   }, 5);
+  let busySince: ReturnType<typeof performance.eventLoopUtilization> | undefined;
+  incoming.onEvent((event) => {
+    if (event.type === 'status' && event.status === 'active') busySince = performance.eventLoopUtilization();
+  });
   send({ port: incoming.address.port });
   const info = await incoming.done;
+  const busy = busySince === undefined ? undefined : performance.eventLoopUtilization(busySince).utilization;
   clearInterval(sampler);
   peakBytes = Math.max(peakBytes, process.memoryUsage.rss());
   const result: PeerResult = {
     info,
     digest: info.status === 'completed' ? vm.digest() : '',
     rss: { beforeBytes, peakBytes, guestRamBytes: vm.ram.totalBytes },
+    ...(busy === undefined ? {} : { eventLoopUtilization: busy }),
   };
   send(result);
   await vm.destroy();

@@ -30,44 +30,21 @@ export interface FrameSender {
 }
 
 /**
- * The sending side of one channel: frames written to a TCP socket, counted. Bodies are written as
- * given (views of guest RAM or device buffers, not copied): what the socket has not taken yet
- * stays referenced until it has.
+ * What every sender shares: counting, failing as a MigrationError naming the channel and the
+ * phase, and waiting for the backlog to shrink. A sender says how it writes a frame, what its
+ * backlog is, and wakes the drain waiters (`wake`) whenever the backlog shrinks or it fails.
  */
-export class SendChannel implements FrameSender {
+export abstract class FrameSenderBase implements FrameSender {
   readonly index: number;
-  readonly socket: Socket;
+  readonly #phase: () => MigrationPhase;
+  readonly #drainWaiters = new Set<() => void>();
   #bytes = 0;
   #frames = 0;
-  #error: Error | undefined;
-  readonly #drainWaiters = new Set<() => void>();
-
-  readonly #phase: () => MigrationPhase;
 
   /** `phase` names the migration phase a failure of the channel is reported in. */
-  constructor(index: number, socket: Socket, phase: () => MigrationPhase) {
+  constructor(index: number, phase: () => MigrationPhase) {
     this.index = index;
-    this.socket = socket;
     this.#phase = phase;
-    socket.on('error', (err) => {
-      this.#error ??= err;
-    });
-    // One listener each, whatever the number of waiters (a waiter per packet would pile up).
-    const wake = () => {
-      for (const waiter of [...this.#drainWaiters]) waiter();
-    };
-    socket.on('drain', wake);
-    socket.on('close', wake);
-  }
-
-  /** Call `waiter` at the next drain (or close) of the socket; returns the function that cancels it. */
-  onDrain(waiter: () => void): () => void {
-    const once = () => {
-      this.#drainWaiters.delete(once);
-      waiter();
-    };
-    this.#drainWaiters.add(once);
-    return () => void this.#drainWaiters.delete(once);
   }
 
   get kind(): 'main' | 'multifd' {
@@ -78,9 +55,81 @@ export class SendChannel implements FrameSender {
     return this.#bytes;
   }
 
-  /** Frames written so far (CHANNEL_END reports it). */
   get framesSent(): number {
     return this.#frames;
+  }
+
+  abstract get backlog(): number;
+  abstract get writable(): boolean;
+  abstract halt(): void;
+  abstract close(): void;
+  /** Write the pieces of one frame in one batch; `onSent` once they are no longer needed. */
+  protected abstract write(pieces: readonly Uint8Array[], onSent: (() => void) | undefined): void;
+  /** Why the channel takes no frames (for a failure's message), and the error behind it. */
+  protected abstract get stopped(): { reason: string; cause?: unknown };
+
+  send(header: Uint8Array, body: readonly Uint8Array[] = [], onSent?: () => void): void {
+    if (!this.writable) throw this.failure('send');
+    const pieces = [header, ...body];
+    this.write(pieces, onSent);
+    for (const piece of pieces) this.#bytes += piece.length;
+    this.#frames++;
+  }
+
+  onDrain(waiter: () => void): () => void {
+    const once = () => {
+      this.#drainWaiters.delete(once);
+      waiter();
+    };
+    this.#drainWaiters.add(once);
+    return () => void this.#drainWaiters.delete(once);
+  }
+
+  async drained(highWater = CHANNEL_HIGH_WATER_BYTES): Promise<void> {
+    while (this.backlog > highWater) {
+      if (!this.writable) throw this.failure('send');
+      await new Promise<void>((resolve) => this.onDrain(resolve));
+    }
+    if (!this.writable) throw this.failure('send');
+  }
+
+  /** Wait until everything sent has been handed to the kernel. */
+  flushed(): Promise<void> {
+    return this.drained(0);
+  }
+
+  failure(what: string, phase: MigrationPhase = this.#phase()): MigrationError {
+    const { reason, cause } = this.stopped;
+    return new MigrationError(
+      MigrationErrorCode.CHANNEL,
+      phase,
+      `${this.kind} channel ${this.index}: ${what}: ${reason}`,
+      cause === undefined ? {} : { cause },
+    );
+  }
+
+  protected wake(): void {
+    for (const waiter of [...this.#drainWaiters]) waiter();
+  }
+}
+
+/**
+ * The sending side of one channel on a TCP socket of this thread. Bodies are written as given
+ * (views of guest RAM or device buffers, not copied): what the socket has not taken yet stays
+ * referenced until it has.
+ */
+export class SendChannel extends FrameSenderBase {
+  readonly socket: Socket;
+  #error: Error | undefined;
+
+  constructor(index: number, socket: Socket, phase: () => MigrationPhase) {
+    super(index, phase);
+    this.socket = socket;
+    socket.on('error', (err) => {
+      this.#error ??= err;
+    });
+    socket.on('drain', () => this.wake());
+    socket.on('close', () => this.wake());
   }
 
   /** Bytes written and not yet taken by the kernel. */
@@ -92,46 +141,14 @@ export class SendChannel implements FrameSender {
     return this.#error === undefined && !this.socket.destroyed && this.socket.writable;
   }
 
-  /**
-   * Write one frame: its header (with meta) and its body pieces, in one batch. `onSent` is called
-   * once the socket no longer needs the bytes (handed to the kernel, or the socket failed).
-   */
-  send(header: Uint8Array, body: readonly Uint8Array[] = [], onSent?: () => void): void {
-    if (!this.writable) throw this.failure('send');
-    if (body.length > 0) this.socket.cork();
-    this.socket.write(header, body.length === 0 ? onSent : undefined);
-    let n = header.length;
-    for (const [i, piece] of body.entries()) {
-      this.socket.write(piece, i === body.length - 1 ? onSent : undefined);
-      n += piece.length;
-    }
-    if (body.length > 0) this.socket.uncork();
-    this.#bytes += n;
-    this.#frames++;
+  protected get stopped(): { reason: string; cause?: unknown } {
+    return { reason: this.#error?.message ?? 'the connection closed', cause: this.#error };
   }
 
-  /** Resolves once the backlog is below `highWater` (at once if it is). Rejects if the socket fails. */
-  async drained(highWater = CHANNEL_HIGH_WATER_BYTES): Promise<void> {
-    while (this.socket.writableLength > highWater) {
-      if (!this.writable) throw this.failure('send');
-      await new Promise<void>((resolve) => this.onDrain(resolve));
-    }
-    if (!this.writable) throw this.failure('send');
-  }
-
-  /** Wait until everything written has been handed to the kernel. */
-  flushed(): Promise<void> {
-    return this.drained(0);
-  }
-
-  failure(what: string, phase: MigrationPhase = this.#phase()): MigrationError {
-    const reason = this.#error?.message ?? 'the connection closed';
-    return new MigrationError(
-      MigrationErrorCode.CHANNEL,
-      phase,
-      `${this.kind} channel ${this.index}: ${what}: ${reason}`,
-      { cause: this.#error },
-    );
+  protected write(pieces: readonly Uint8Array[], onSent: (() => void) | undefined): void {
+    if (pieces.length > 1) this.socket.cork();
+    pieces.forEach((piece, i) => this.socket.write(piece, i === pieces.length - 1 ? onSent : undefined));
+    if (pieces.length > 1) this.socket.uncork();
   }
 
   /**

@@ -1,7 +1,7 @@
 import { createServer, type Server, type Socket } from 'node:net';
 import { ResumeStream } from '../../kernel/vfio/mig-data-stream.js';
 import { SEGMENT_BYTES } from '../../kernel/mem/phys-memory.js';
-import { internalError, VfioError } from '../../uapi/error.js';
+import { internalError } from '../../uapi/error.js';
 import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import type { Machine } from '../machine/machine.js';
 import type { RamBlock } from '../machine/ram-block.js';
@@ -11,13 +11,14 @@ import {
   type Accept,
   configDifferences,
   describeVm,
-  errorFrameSchema,
+  errorFrame,
+  peerError,
   type MainHello,
   parseHello,
   PROTOCOL_MAGIC,
   PROTOCOL_VERSION,
 } from './handshake.js';
-import { asMigrationError, MigrationError, MigrationErrorCode } from './migration-error.js';
+import { asMigrationError, deviceFailure, MigrationError, MigrationErrorCode } from './migration-error.js';
 import {
   type DeviceMigrationStats,
   emptyRamStats,
@@ -28,7 +29,6 @@ import {
 } from './migration-info.js';
 import { type IncomingParameters, resolveIncomingParameters } from './migration-params.js';
 import { parseMigrationUri } from './migration-uri.js';
-import { errorFrame } from './source.js';
 import {
   encodeEmptyFrame,
   encodeJsonFrame,
@@ -395,7 +395,7 @@ export class IncomingMigration {
         this.#noteDeviceState(d);
       }
       if (!(fd instanceof ResumeStream))
-        throw this.#deviceError(d, 'RESUMING returned no data stream', undefined);
+        throw deviceFailure(this.#phase, d.name, 'RESUMING returned no data stream');
       d.stream = fd;
       d.loader = new DeviceStateLoader({
         device: d.name,
@@ -460,7 +460,7 @@ export class IncomingMigration {
         this.#checkDeadlock();
         return;
       case FrameType.ERROR:
-        throw this.#sourceFailed(frame.json);
+        throw peerError(frame.json, this.#phase, 'source', [MigrationErrorCode.CANCELLED]);
     }
     if (!main)
       throw this.#protocol(`frame type 0x${frame.type.toString(16)} on multifd channel ${channel.index}`);
@@ -786,14 +786,10 @@ export class IncomingMigration {
    * faulted in anew). Only whole 1 MiB buffers of our own: what the queue counts is what they hold.
    */
   #recycle(data: Uint8Array): void {
-    const own = data.byteOffset === 0 && data.byteLength === MAX_DEVICE_PACKET_BYTES;
-    if (
-      own &&
-      data.buffer.byteLength === MAX_DEVICE_PACKET_BYTES &&
-      this.#spareBuffers.length < SPARE_BUFFERS
-    ) {
-      this.#spareBuffers.push(data);
-    }
+    // A whole buffer of its own is a full packet buffer (a view of staging or a smaller packet is not).
+    const whole =
+      data.byteLength === MAX_DEVICE_PACKET_BYTES && data.buffer.byteLength === MAX_DEVICE_PACKET_BYTES;
+    if (whole && this.#spareBuffers.length < SPARE_BUFFERS) this.#spareBuffers.push(data);
   }
 
   #writeDevice(d: DestinationDevice, data: Uint8Array): void {
@@ -824,7 +820,7 @@ export class IncomingMigration {
       try {
         vfio.setMigDeviceState(MigState.STOP);
       } catch (err) {
-        throw this.#deviceError(d, 'loading the device state failed (RESUMING → STOP)', err);
+        throw deviceFailure(this.#phase, d.name, 'loading the device state failed (RESUMING → STOP)', err);
       } finally {
         this.#noteDeviceState(d);
       }
@@ -967,27 +963,6 @@ export class IncomingMigration {
       message,
       where.device === undefined ? {} : { device: where.device },
     );
-  }
-
-  #sourceFailed(json: unknown): MigrationError {
-    const parsed = errorFrameSchema.safeParse(json);
-    const e = parsed.success
-      ? parsed.data
-      : { code: 'unknown', phase: this.#phase, message: 'a malformed ERROR frame' };
-    return new MigrationError(
-      e.code === MigrationErrorCode.CANCELLED ? MigrationErrorCode.CANCELLED : MigrationErrorCode.PEER,
-      this.#phase,
-      `the source failed in ${e.phase}: ${e.message}`,
-    );
-  }
-
-  #deviceError(d: DestinationDevice, message: string, cause: unknown): MigrationError {
-    const detail = cause instanceof Error ? `: ${cause.message}` : '';
-    return new MigrationError(MigrationErrorCode.DEVICE, this.#phase, `${message}${detail}`, {
-      device: d.name,
-      ...(cause instanceof VfioError && cause.errno !== undefined ? { errno: cause.errno } : {}),
-      cause,
-    });
   }
 
   #noteDeviceState(d: DestinationDevice): void {

@@ -212,9 +212,6 @@ export class DeviceStateLoader {
       for (const queued of this.#queue.keys()) {
         if (queued > index) throw refuse(`config state before buffer ${queued}, which is queued`);
       }
-      if (this.#direct !== undefined && this.#direct > index) {
-        throw refuse(`config state before buffer ${this.#direct}, which is being written`);
-      }
     }
   }
 

@@ -1,6 +1,8 @@
 import { z } from 'zod';
 import type { Machine } from '../machine/machine.js';
-import { MigrationError, MigrationErrorCode } from './migration-error.js';
+import { isErrnoName } from '../../uapi/errno.js';
+import { MigrationError, MigrationErrorCode, type MigrationErrorCodeName } from './migration-error.js';
+import type { MigrationPhase } from './migration-info.js';
 import { RAM_PAGE_BYTES } from './wire-format.js';
 
 /**
@@ -106,6 +108,42 @@ export const errorFrameSchema = z.strictObject({
   errno: z.string().max(32).optional(),
 });
 export type ErrorFrame = z.infer<typeof errorFrameSchema>;
+
+/** The ERROR frame telling the peer about a failure of ours. */
+export function errorFrame(error: MigrationError): ErrorFrame {
+  return {
+    code: error.code,
+    phase: error.phase,
+    message: error.message.slice(0, 8192),
+    ...(error.device === undefined ? {} : { device: error.device }),
+    ...(error.errno === undefined ? {} : { errno: error.errno }),
+  };
+}
+
+/**
+ * A peer's ERROR frame as a failure of ours in `phase`: ERR_MIGRATION_PEER carrying the peer's
+ * phase, device and errno, or the peer's own code when it is one of `kept` (a refusal or a cancel
+ * means the same on both sides).
+ */
+export function peerError(
+  json: unknown,
+  phase: MigrationPhase,
+  peer: 'source' | 'destination',
+  kept: readonly MigrationErrorCodeName[],
+): MigrationError {
+  const parsed = errorFrameSchema.safeParse(json);
+  if (!parsed.success) {
+    return new MigrationError(MigrationErrorCode.PEER, phase, `the ${peer} sent a malformed ERROR frame`);
+  }
+  const e = parsed.data;
+  const code = (kept as readonly string[]).includes(e.code)
+    ? (e.code as MigrationErrorCodeName)
+    : MigrationErrorCode.PEER;
+  return new MigrationError(code, phase, `the ${peer} failed in ${e.phase}: ${e.message}`, {
+    ...(e.device === undefined ? {} : { device: e.device }),
+    ...(e.errno !== undefined && isErrnoName(e.errno) ? { errno: e.errno } : {}),
+  });
+}
 
 /** The VM's configuration as the handshake carries it. */
 export function describeVm(machine: Machine): VmMigrationConfig {

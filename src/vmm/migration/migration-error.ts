@@ -82,3 +82,22 @@ export function asMigrationError(
     cause: err,
   });
 }
+
+/**
+ * A device operation failed: ERR_MIGRATION_DEVICE naming the device, what failed and why, with the
+ * kernel errno of `cause` when it has one.
+ */
+export function deviceFailure(
+  phase: MigrationPhase,
+  device: string,
+  what: string,
+  cause?: unknown,
+): MigrationError {
+  const detail = cause instanceof Error ? `: ${cause.message}` : '';
+  const errno = cause instanceof VfioError ? cause.errno : undefined;
+  return new MigrationError(MigrationErrorCode.DEVICE, phase, `${what}${detail}`, {
+    device,
+    ...(errno === undefined ? {} : { errno }),
+    ...(cause === undefined ? {} : { cause }),
+  });
+}

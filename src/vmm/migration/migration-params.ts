@@ -176,5 +176,6 @@ export function parseMigrationSettings(settings: readonly string[]): Partial<Mig
       (out as Record<string, unknown>)[key] = Number(text);
     }
   }
-  return resolveMigrationParameters(out) && out;
+  resolveMigrationParameters(out); // every value checked, as given
+  return out;
 }

@@ -2,8 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { SavingStream } from '../../kernel/vfio/mig-data-stream.js';
-import { isErrnoName } from '../../uapi/errno.js';
-import { isErrno, VfioError } from '../../uapi/error.js';
+import { isErrno } from '../../uapi/error.js';
 import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import type { Machine, MachineDevice } from '../machine/machine.js';
 import { anyDrained, FrameReader, type FrameSender, SendChannel } from './channel.js';
@@ -13,12 +12,13 @@ import { DeviceDirtyTracker } from './dirty-tracking.js';
 import {
   acceptSchema,
   describeVm,
-  errorFrameSchema,
+  errorFrame,
+  peerError,
   type MainHello,
   PROTOCOL_MAGIC,
   PROTOCOL_VERSION,
 } from './handshake.js';
-import { asMigrationError, MigrationError, MigrationErrorCode } from './migration-error.js';
+import { asMigrationError, deviceFailure, MigrationError, MigrationErrorCode } from './migration-error.js';
 import {
   type DeviceMigrationStats,
   emptyRamStats,
@@ -354,7 +354,8 @@ export class OutgoingMigration {
       d.flags = this.#device(d).getMigration().flags;
       if ((d.flags & BigInt(MigFeature.PRE_COPY)) !== 0n) {
         const fd = this.#setDeviceState(d, MigState.PRE_COPY);
-        if (!(fd instanceof SavingStream)) throw this.#deviceError(d, 'PRE_COPY returned no data stream');
+        if (!(fd instanceof SavingStream))
+          throw deviceFailure(this.#phase, d.machine.name, 'PRE_COPY returned no data stream');
         d.stream = fd;
         this.#refreshPrecopyInfo(d);
       }
@@ -421,7 +422,8 @@ export class OutgoingMigration {
     for (const d of this.#devices) {
       const fd = this.#setDeviceState(d, MigState.STOP_COPY);
       if (fd instanceof SavingStream) d.stream = fd;
-      if (d.stream === undefined) throw this.#deviceError(d, 'STOP_COPY returned no data stream');
+      if (d.stream === undefined)
+        throw deviceFailure(this.#phase, d.machine.name, 'STOP_COPY returned no data stream');
     }
     this.#main!.send(encodeEmptyFrame(FrameType.SWITCHOVER));
     this.#phase = 'stop-copy';
@@ -542,7 +544,7 @@ export class OutgoingMigration {
     } catch (err) {
       this.#buffers.give(buffer);
       if (what === 'precopy' && isErrno(err, 'ENOMSG')) return undefined;
-      throw this.#deviceError(d, `${what} read failed`, err);
+      throw deviceFailure(this.#phase, d.machine.name, `${what} read failed`, err);
     }
     if (n === 0) {
       this.#buffers.give(buffer);
@@ -591,7 +593,7 @@ export class OutgoingMigration {
       d.stats.initialBytes = Number(info.initialBytes);
       d.stats.dirtyBytes = Number(info.dirtyBytes);
     } catch (err) {
-      throw this.#deviceError(d, 'VFIO_MIG_GET_PRECOPY_INFO failed', err);
+      throw deviceFailure(this.#phase, d.machine.name, 'VFIO_MIG_GET_PRECOPY_INFO failed', err);
     }
   }
 
@@ -641,24 +643,9 @@ export class OutgoingMigration {
       case FrameType.SWITCHOVER_ACK:
         this.#acked = true;
         break;
-      case FrameType.ERROR: {
-        const parsed = errorFrameSchema.safeParse(frame.json);
-        const e = parsed.success
-          ? parsed.data
-          : { code: MigrationErrorCode.PROTOCOL, phase: this.#phase, message: 'a malformed ERROR frame' };
-        const code = e.code === MigrationErrorCode.INCOMPATIBLE ? e.code : MigrationErrorCode.PEER;
-        const failure = new MigrationError(
-          code,
-          this.#phase,
-          `the destination failed in ${e.phase}: ${e.message}`,
-          {
-            ...(e.device === undefined ? {} : { device: e.device }),
-            ...(e.errno !== undefined && isErrnoName(e.errno) ? { errno: e.errno } : {}),
-          },
-        );
-        this.#peerGone(failure);
+      case FrameType.ERROR:
+        this.#peerGone(peerError(frame.json, this.#phase, 'destination', [MigrationErrorCode.INCOMPATIBLE]));
         return;
-      }
     }
     this.#rpSeen.add(frame.type);
     this.#rpWaiters.get(frame.type)?.();
@@ -709,7 +696,12 @@ export class OutgoingMigration {
     try {
       return this.#device(d).setMigDeviceState(state);
     } catch (err) {
-      throw this.#deviceError(d, `MIG_DEVICE_STATE SET ${migStateName(state)} failed`, err);
+      throw deviceFailure(
+        this.#phase,
+        d.machine.name,
+        `MIG_DEVICE_STATE SET ${migStateName(state)} failed`,
+        err,
+      );
     } finally {
       this.#noteDeviceState(d);
     }
@@ -720,15 +712,6 @@ export class OutgoingMigration {
     if (state === d.stats.state) return;
     d.stats.state = state;
     this.#emit({ type: 'device-state', device: d.machine.name, state });
-  }
-
-  #deviceError(d: SourceDevice, message: string, cause?: unknown): MigrationError {
-    const detail = cause instanceof Error ? `: ${cause.message}` : '';
-    return new MigrationError(MigrationErrorCode.DEVICE, this.#phase, `${message}${detail}`, {
-      device: d.machine.name,
-      ...(cause instanceof VfioError && cause.errno !== undefined ? { errno: cause.errno } : {}),
-      cause,
-    });
   }
 
   // ---- ending ----------------------------------------------------------------------------------
@@ -889,20 +872,4 @@ function openSocket(host: string, port: number, timeoutMs: number): Promise<Sock
       );
     });
   });
-}
-
-export function errorFrame(error: MigrationError): {
-  code: string;
-  phase: string;
-  message: string;
-  device?: string;
-  errno?: string;
-} {
-  return {
-    code: error.code,
-    phase: error.phase,
-    message: error.message.slice(0, 8192),
-    ...(error.device === undefined ? {} : { device: error.device }),
-    ...(error.errno === undefined ? {} : { errno: error.errno }),
-  };
 }

@@ -3,7 +3,7 @@ import { Worker } from 'node:worker_threads';
 import { MigrationError, MigrationErrorCode } from './migration-error.js';
 import type { MigrationPhase } from './migration-info.js';
 import type { FromChannelThread, ToChannelThread } from './channel-thread-protocol.js';
-import type { FrameSender } from './channel.js';
+import { FrameSenderBase } from './channel.js';
 
 /**
  * The threads that own the source's multifd sockets (QEMU's multifd send threads): at most one
@@ -89,35 +89,20 @@ export class ChannelThreads {
 }
 
 /**
- * A multifd channel whose socket lives in a channel thread: the same face as SendChannel, with
- * the backlog counted from frames posted until the thread says the kernel has them.
+ * A multifd channel whose socket lives in a channel thread: the backlog counts frames posted until
+ * the thread says the kernel has them.
  */
-export class ThreadSendChannel implements FrameSender {
-  readonly index: number;
-  readonly kind = 'multifd' as const;
+export class ThreadSendChannel extends FrameSenderBase {
   readonly #post: (message: ToChannelThread) => void;
-  readonly #phase: () => MigrationPhase;
   readonly #onSent = new Map<number, () => void>();
-  readonly #drainWaiters = new Set<() => void>();
   #seq = 0;
   #inflight = 0;
-  #bytes = 0;
-  #frames = 0;
   #error: string | undefined;
   #halted = false;
 
   constructor(index: number, post: (message: ToChannelThread) => void, phase: () => MigrationPhase) {
-    this.index = index;
+    super(index, phase);
     this.#post = post;
-    this.#phase = phase;
-  }
-
-  get bytesSent(): number {
-    return this.#bytes;
-  }
-
-  get framesSent(): number {
-    return this.#frames;
   }
 
   get backlog(): number {
@@ -128,48 +113,20 @@ export class ThreadSendChannel implements FrameSender {
     return this.#error === undefined && !this.#halted;
   }
 
-  send(header: Uint8Array, body: readonly Uint8Array[] = [], onSent?: () => void): void {
-    if (!this.writable) throw this.failure('send');
+  protected get stopped(): { reason: string } {
+    return {
+      reason: this.#error ?? (this.#halted ? 'the migration stopped sending' : 'the connection closed'),
+    };
+  }
+
+  protected write(pieces: readonly Uint8Array[], onSent: (() => void) | undefined): void {
     const seq = ++this.#seq;
     // Views of shared memory (guest RAM, pooled device buffers) cross to the thread as they are; a
     // view of an ordinary buffer would be cloned with all of its ArrayBuffer, so it is cut to size.
-    const pieces = [header, ...body].map((p) => (p.buffer instanceof SharedArrayBuffer ? p : p.slice()));
-    const n = pieces.reduce((sum, p) => sum + p.length, 0);
+    const shared = pieces.map((p) => (p.buffer instanceof SharedArrayBuffer ? p : p.slice()));
     if (onSent !== undefined) this.#onSent.set(seq, onSent);
-    this.#inflight += n;
-    this.#bytes += n;
-    this.#frames++;
-    this.#post({ op: 'send', channel: this.index, seq, pieces });
-  }
-
-  onDrain(waiter: () => void): () => void {
-    const once = () => {
-      this.#drainWaiters.delete(once);
-      waiter();
-    };
-    this.#drainWaiters.add(once);
-    return () => void this.#drainWaiters.delete(once);
-  }
-
-  async drained(highWater = 4 << 20): Promise<void> {
-    while (this.#inflight > highWater) {
-      if (this.#error !== undefined) throw this.failure('send');
-      await new Promise<void>((resolve) => this.onDrain(resolve));
-    }
-    if (!this.writable) throw this.failure('send');
-  }
-
-  flushed(): Promise<void> {
-    return this.drained(0);
-  }
-
-  failure(what: string, phase: MigrationPhase = this.#phase()): MigrationError {
-    const reason = this.#error ?? (this.#halted ? 'the migration stopped sending' : 'the connection closed');
-    return new MigrationError(
-      MigrationErrorCode.CHANNEL,
-      phase,
-      `multifd channel ${this.index}: ${what}: ${reason}`,
-    );
+    for (const p of shared) this.#inflight += p.length;
+    this.#post({ op: 'send', channel: this.index, seq, pieces: shared });
   }
 
   halt(): void {
@@ -186,15 +143,11 @@ export class ThreadSendChannel implements FrameSender {
     const callback = this.#onSent.get(seq);
     this.#onSent.delete(seq);
     callback?.();
-    this.#wake();
+    this.wake();
   }
 
   onFailed(reason: string): void {
     this.#error ??= reason;
-    this.#wake();
-  }
-
-  #wake(): void {
-    for (const waiter of [...this.#drainWaiters]) waiter();
+    this.wake();
   }
 }
