@@ -405,6 +405,10 @@ export async function migrationResults(): Promise<BenchResult[]> {
           target: '≥ 0.8',
           met: r.ratio >= 0.8,
         },
+        {
+          metric: `${r.channels} channel(s): destination event-loop utilization, handshake to end`,
+          value: f2(r.destinationBusy),
+        },
       ]),
       notes: [
         'Source and destination are two forked processes (bench/migration-peer.ts) talking over loopback TCP, as two software hosts do; the destination preallocates guest RAM (prealloc=on). Best of 3 runs each, the raw baseline run just before each migration.',
