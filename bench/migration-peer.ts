@@ -35,9 +35,18 @@ export interface PeerResult {
   rss?: { beforeBytes: number; peakBytes: number; guestRamBytes: number };
   /** Destination: share of the time its event loop was busy, from the handshake to the end. */
   eventLoopUtilization?: number;
+  /** CPU time (user + system, all threads) spent by this process during the migration, ms. */
+  cpuMs?: number;
+  /** Of which from the switchover (status 'device') to the end, ms. */
+  downtimeCpuMs?: number;
 }
 
 const send = (message: unknown) => process.send!(message);
+
+const cpuMsSince = (since: NodeJS.CpuUsage) => {
+  const { user, system } = process.cpuUsage(since);
+  return (user + system) / 1000;
+};
 
 async function destination(request: Extract<PeerRequest, { role: 'destination' }>): Promise<void> {
   const vm = Machine.create(new Host(), request.definition);
@@ -52,12 +61,20 @@ async function destination(request: Extract<PeerRequest, { role: 'destination' }
     peakBytes = Math.max(peakBytes, process.memoryUsage.rss());
   }, 5);
   let busySince: ReturnType<typeof performance.eventLoopUtilization> | undefined;
+  let cpuSince: NodeJS.CpuUsage | undefined;
+  let downtimeCpuSince: NodeJS.CpuUsage | undefined;
   incoming.onEvent((event) => {
-    if (event.type === 'status' && event.status === 'active') busySince = performance.eventLoopUtilization();
+    if (event.type === 'status' && event.status === 'active') {
+      busySince = performance.eventLoopUtilization();
+      cpuSince = process.cpuUsage();
+    }
+    if (event.type === 'status' && event.status === 'device') downtimeCpuSince = process.cpuUsage();
   });
   send({ port: incoming.address.port });
   const info = await incoming.done;
   const busy = busySince === undefined ? undefined : performance.eventLoopUtilization(busySince).utilization;
+  const cpuMs = cpuSince === undefined ? undefined : cpuMsSince(cpuSince);
+  const downtimeCpuMs = downtimeCpuSince === undefined ? undefined : cpuMsSince(downtimeCpuSince);
   clearInterval(sampler);
   peakBytes = Math.max(peakBytes, process.memoryUsage.rss());
   const result: PeerResult = {
@@ -65,6 +82,8 @@ async function destination(request: Extract<PeerRequest, { role: 'destination' }
     digest: info.status === 'completed' ? vm.digest() : '',
     rss: { beforeBytes, peakBytes, guestRamBytes: vm.ram.totalBytes },
     ...(busy === undefined ? {} : { eventLoopUtilization: busy }),
+    ...(cpuMs === undefined ? {} : { cpuMs }),
+    ...(downtimeCpuMs === undefined ? {} : { downtimeCpuMs }),
   };
   send(result);
   await vm.destroy();
@@ -81,9 +100,21 @@ async function source(request: Extract<PeerRequest, { role: 'source' }>): Promis
   }
   await vm.start();
   await new Promise((resolve) => setTimeout(resolve, request.warmupMs));
+  const cpuSince = process.cpuUsage();
   const migration = OutgoingMigration.start(vm, { uri: request.uri, params: request.params });
+  let downtimeCpuSince: NodeJS.CpuUsage | undefined;
+  migration.onEvent((event) => {
+    if (event.type === 'status' && event.status === 'device') downtimeCpuSince = process.cpuUsage();
+  });
   const info = await migration.done;
-  const result: PeerResult = { info, digest: info.status === 'completed' ? vm.digest() : '' };
+  const cpuMs = cpuMsSince(cpuSince);
+  const downtimeCpuMs = downtimeCpuSince === undefined ? undefined : cpuMsSince(downtimeCpuSince);
+  const result: PeerResult = {
+    info,
+    digest: info.status === 'completed' ? vm.digest() : '',
+    cpuMs,
+    ...(downtimeCpuMs === undefined ? {} : { downtimeCpuMs }),
+  };
   send(result);
   await vm.destroy();
 }

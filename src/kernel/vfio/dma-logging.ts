@@ -1,4 +1,5 @@
 import { PAGE_SIZE, U64_MAX } from '../../uapi/arch.js';
+import { popcount32 } from '../mem/popcount.js';
 import { LOG_MAX_RANGES } from '../../uapi/device-feature.js';
 import { kernelError } from '../../uapi/error.js';
 
@@ -261,10 +262,4 @@ function setBits(bitmap: Uint8Array, a: number, b: number): void {
     k = ((b + 1) >> 3) << 3;
   }
   for (; k <= b; k++) bitmap[k >> 3]! |= 1 << (k & 7);
-}
-
-function popcount32(word: number): number {
-  let n = 0;
-  for (let x = word; x !== 0; x &= x - 1) n++;
-  return n;
 }

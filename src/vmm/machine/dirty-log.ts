@@ -1,3 +1,4 @@
+import { popcount32 } from '../../kernel/mem/popcount.js';
 import { internalError, invalidArgument } from '../../uapi/error.js';
 
 /*
@@ -55,13 +56,7 @@ export function markDirtyPage(log: DirtyLogViews, page: number): void {
 /** Pages set in a bitmap. */
 export function countDirtyPages(bitmap: Uint32Array | Int32Array): number {
   let n = 0;
-  for (let i = 0; i < bitmap.length; i++) {
-    let v = bitmap[i]! >>> 0;
-    if (v === 0) continue;
-    v = v - ((v >>> 1) & 0x55555555);
-    v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
-    n += Math.imul((v + (v >>> 4)) & 0x0f0f0f0f, 0x01010101) >>> 24;
-  }
+  for (let i = 0; i < bitmap.length; i++) n += popcount32(bitmap[i]!);
   return n;
 }
 

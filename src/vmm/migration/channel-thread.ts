@@ -1,6 +1,7 @@
 import { connect, type Socket } from 'node:net';
 import { parentPort } from 'node:worker_threads';
-import type { FromChannelThread, ToChannelThread } from './channel-thread-protocol.js';
+import type { FromChannelThread, RamJobResult, ToChannelThread } from './channel-thread-protocol.js';
+import { RamPacketBuilder } from './ram-scan.js';
 
 /**
  * A channel thread (see channel-thread-protocol.ts): connects and writes the sockets of the
@@ -10,6 +11,7 @@ import type { FromChannelThread, ToChannelThread } from './channel-thread-protoc
 
 const port = parentPort!;
 const sockets = new Map<number, Socket>();
+let ramBlocks: RamPacketBuilder[] = [];
 const post = (message: FromChannelThread) => port.postMessage(message);
 
 function open(channel: number, host: string, portNumber: number, timeoutMs: number): void {
@@ -45,10 +47,41 @@ function send(channel: number, seq: number, pieces: Uint8Array[]): void {
     post({ op: 'sent', channel, seq, bytes });
     return;
   }
-  const done = () => post({ op: 'sent', channel, seq, bytes });
+  writeBatch(socket, pieces, () => post({ op: 'sent', channel, seq, bytes }));
+}
+
+/** Write `pieces` in one batch (one writev); `done` once the kernel has them all. */
+function writeBatch(socket: Socket, pieces: readonly Uint8Array[], done: () => void): void {
   socket.cork();
   pieces.forEach((piece, i) => socket.write(piece, i === pieces.length - 1 ? done : undefined));
   socket.uncork();
+}
+
+/**
+ * A ram job: every dirty page of the bitmap words [fromWord, toWord) of a block, as packets
+ * written in one batch, reported once the kernel has them all.
+ */
+function sendRam(channel: number, seq: number, block: number, fromWord: number, toWord: number): void {
+  const socket = sockets.get(channel);
+  const result: RamJobResult = { frames: 0, bytes: 0, normalPages: 0, zeroPages: 0 };
+  const done = () => post({ op: 'ram-sent', channel, seq, ...result });
+  // Gone already: nothing is sent (the 'closed' message tells the main thread why).
+  if (socket === undefined || socket.destroyed) {
+    done();
+    return;
+  }
+  const builder = ramBlocks[block]!;
+  const range = { word: fromWord, end: toWord };
+  const pieces: Uint8Array[] = [];
+  for (let packet = builder.next(range); packet !== undefined; packet = builder.next(range)) {
+    pieces.push(packet.header, ...packet.body);
+    result.frames++;
+    result.bytes += packet.bytes;
+    result.normalPages += packet.normalPages;
+    result.zeroPages += packet.zeroPages;
+  }
+  if (pieces.length === 0) done();
+  else writeBatch(socket, pieces, done);
 }
 
 port.on('message', (message: ToChannelThread) => {
@@ -58,6 +91,12 @@ port.on('message', (message: ToChannelThread) => {
       break;
     case 'send':
       send(message.channel, message.seq, message.pieces);
+      break;
+    case 'ram-setup':
+      ramBlocks = message.blocks.map((shared, index) => new RamPacketBuilder(index, shared));
+      break;
+    case 'ram':
+      sendRam(message.channel, message.seq, message.block, message.fromWord, message.toWord);
       break;
     case 'end':
       sockets.get(message.channel)?.end();

@@ -108,6 +108,12 @@ export abstract class FrameSenderBase implements FrameSender {
     );
   }
 
+  /** Count frames a sender wrote without send() (a channel thread's ram jobs). */
+  protected count(bytes: number, frames: number): void {
+    this.#bytes += bytes;
+    this.#frames += frames;
+  }
+
   protected wake(): void {
     for (const waiter of [...this.#drainWaiters]) waiter();
   }
@@ -223,6 +229,12 @@ export class FrameReader {
        * wants them read there directly (guest RAM pages); they then arrive as `placed` body events.
        */
       placeBody?: () => Uint8Array | undefined;
+      /**
+       * With placed bodies: how much to read at a frame boundary, where the header's 12 bytes are
+       * all the decoder asks for. The usual frame's header and meta then come in one read; bytes
+       * beyond its meta are decoded from the read buffer as usual.
+       */
+      frameStartReadBytes?: number;
     },
   ) {
     this.socket = socket;
@@ -256,7 +268,8 @@ export class FrameReader {
               const target = place();
               if (target !== undefined) return target;
             }
-            const missing = this.decoder.headerBytesMissing;
+            let missing = this.decoder.headerBytesMissing;
+            if (this.decoder.atFrameBoundary) missing = Math.max(missing, options.frameStartReadBytes ?? 0);
             return missing > 0 && missing < staging.length ? staging.subarray(0, missing) : undefined;
           };
     if (staging === undefined || !readIntoBuffer(socket, staging, onBytes, this.decoder, nextTarget))

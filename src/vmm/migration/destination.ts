@@ -34,6 +34,7 @@ import {
   encodeJsonFrame,
   FRAME_HEADER_BYTES,
   type Frame,
+  FULL_RAM_HEAD_BYTES,
   FrameType,
   MAX_DEVICE_PACKET_BYTES,
   RAM_PAGE_BYTES,
@@ -314,6 +315,7 @@ export class IncomingMigration {
         phase: () => this.#phase,
         readBufferBytes: READ_BUFFER_BYTES,
         placeBody: () => this.#placeRam(channel),
+        frameStartReadBytes: FULL_RAM_HEAD_BYTES,
         handler: (event) => this.#onHello(channel, event),
         // Fail before the reader destroys the socket, so that the ERROR reaches the source even
         // when this is the main channel (or the connection that was to become it).

@@ -1,53 +1,55 @@
-import { SEGMENT_BYTES } from '../../kernel/mem/phys-memory.js';
+import { popcount32 } from '../../kernel/mem/popcount.js';
 import { countDirtyPages } from '../machine/dirty-log.js';
 import type { GuestRam } from '../machine/guest-ram.js';
 import type { RamBlock } from '../machine/ram-block.js';
-import { encodeRamPages, MAX_NORMAL_PAGES, MAX_ZERO_PAGES, RAM_PAGE_BYTES } from './wire-format.js';
+import { type RamPacket, RamPacketBuilder, type SharedRamBlock } from './ram-scan.js';
+import { RAM_PAGE_BYTES } from './wire-format.js';
 
-const PAGE_WORDS = RAM_PAGE_BYTES / 4;
-const PAGES_PER_SEGMENT = SEGMENT_BYTES / RAM_PAGE_BYTES;
-
-/** One RAM_PAGES frame ready to send: header with meta, and the page data as views of guest RAM. */
-export interface RamPacket {
-  header: Buffer;
-  body: Uint8Array[];
-  normalPages: number;
-  zeroPages: number;
-  /** Header + body bytes. */
-  bytes: number;
+/** A slice of one block's bitmap for a channel thread to send (see RamSender.nextJob). */
+export interface RamJob {
+  block: number;
+  fromWord: number;
+  toWord: number;
+  /** Dirty pages in the slice when it was cut. */
+  pages: number;
 }
 
 interface BlockState {
   block: RamBlock;
-  /** The migration bitmap: 1 = the page must be sent (again). */
-  bitmap: Uint32Array;
-  /** Int32 views of the block's memory segments, for the zero-page test. */
-  words: Int32Array[];
+  shared: SharedRamBlock;
+  packets: RamPacketBuilder;
 }
 
 /**
- * The source's RAM side (QEMU's ram.c with multifd packets): a migration bitmap per RAM block,
- * filled from the dirty logs at each sync; packets of up to 128 dirty pages of one block, zero
- * pages listed by number only, the others sent from guest RAM as it is (no copy: a page that
- * changes before the socket takes it is dirty again and is resent in the next round).
+ * The source's RAM side (QEMU's ram.c with multifd packets): a migration bitmap per RAM block, in
+ * shared memory, filled from the dirty logs at each sync. Pages leave either as packets built here
+ * (nextPacket, for a channel of this thread) or as jobs: slices of the bitmap that a channel
+ * thread turns into packets itself (nextJob; QEMU's send threads likewise test pages for zero and
+ * write them), so the bulk of RAM costs this thread one message per slice.
  */
 export class RamSender {
   readonly #blocks: BlockState[];
   #dirty = 0;
   #blockIndex = 0;
-  #word = 0;
-  readonly #normal = new Uint32Array(MAX_NORMAL_PAGES);
-  readonly #zero = new Uint32Array(MAX_ZERO_PAGES);
+  readonly #cursor = { word: 0, end: 0 };
 
   constructor(ram: GuestRam) {
-    this.#blocks = ram.blocks.map((block) => ({
-      block,
-      bitmap: new Uint32Array(block.dirtyLog.words),
-      words: block.memory.buffers.map((b) => new Int32Array(b)),
-    }));
+    this.#blocks = ram.blocks.map((block, index) => {
+      const shared: SharedRamBlock = {
+        bitmap: new Uint32Array(new SharedArrayBuffer(block.dirtyLog.words * 4)),
+        segments: block.memory.buffers,
+      };
+      return { block, shared, packets: new RamPacketBuilder(index, shared) };
+    });
+    this.rewind();
   }
 
-  /** Pages waiting to be sent. */
+  /** The blocks' bitmaps and memory, for the channel threads that run jobs. */
+  get sharedBlocks(): SharedRamBlock[] {
+    return this.#blocks.map((s) => s.shared);
+  }
+
+  /** Pages waiting to be sent (pages handed out in jobs no longer count). */
   get dirtyPages(): number {
     return this.#dirty;
   }
@@ -58,8 +60,8 @@ export class RamSender {
 
   /** The first round: every page, except the unplugged blocks of discardable regions. */
   markAll(): void {
-    for (const s of this.#blocks) {
-      const { bitmap, block } = s;
+    for (const { block, shared } of this.#blocks) {
+      const bitmap = shared.bitmap;
       bitmap.fill(0xffffffff);
       const tail = block.pages % 32;
       if (tail !== 0) bitmap[bitmap.length - 1] = (1 << tail) - 1;
@@ -74,19 +76,22 @@ export class RamSender {
     this.#recount();
   }
 
-  /** Pull every block's dirty log into the bitmap (KVM_GET_DIRTY_LOG + clear); returns the pages dirty now. */
+  /**
+   * Pull every block's dirty log into the bitmap (KVM_GET_DIRTY_LOG + clear); returns the pages
+   * dirty now. No job may be running: a channel thread clears the bits of the slice it sends.
+   */
   syncDirtyLog(): number {
-    for (const s of this.#blocks) s.block.dirtyLog.syncAndClear(s.bitmap);
+    for (const s of this.#blocks) s.block.dirtyLog.syncAndClear(s.shared.bitmap);
     return this.#recount();
   }
 
   /** Mark pages dirty that a device (DMA log, IOMMU bitmap) or a pin reports. */
   markPages(blockIndex: number, first: number, count: number): void {
-    const s = this.#blocks[blockIndex]!;
+    const bitmap = this.#blocks[blockIndex]!.shared.bitmap;
     for (let p = first; p < first + count; p++) {
       const bit = 1 << (p & 31);
-      if ((s.bitmap[p >>> 5]! & bit) === 0) {
-        s.bitmap[p >>> 5]! |= bit;
+      if ((bitmap[p >>> 5]! & bit) === 0) {
+        bitmap[p >>> 5]! |= bit;
         this.#dirty++;
       }
     }
@@ -95,84 +100,58 @@ export class RamSender {
   /** Start a new pass at the first page. */
   rewind(): void {
     this.#blockIndex = 0;
-    this.#word = 0;
+    this.#cursor.word = 0;
+    this.#cursor.end = this.#blocks[0]?.shared.bitmap.length ?? 0;
   }
 
   /** The next packet of this pass, or undefined when the pass has reached the end of RAM. */
   nextPacket(): RamPacket | undefined {
     while (this.#blockIndex < this.#blocks.length) {
-      const packet = this.#packetOf(this.#blockIndex);
-      if (packet !== undefined) return packet;
-      this.#blockIndex++;
-      this.#word = 0;
+      const packet = this.#blocks[this.#blockIndex]!.packets.next(this.#cursor);
+      if (packet !== undefined) {
+        this.#dirty -= packet.normalPages + packet.zeroPages;
+        return packet;
+      }
+      this.#nextBlock();
     }
     return undefined;
   }
 
-  #packetOf(index: number): RamPacket | undefined {
-    const s = this.#blocks[index]!;
-    const { bitmap, block, words } = s;
-    let normal = 0;
-    let zero = 0;
-    while (this.#word < bitmap.length && normal < MAX_NORMAL_PAGES && zero < MAX_ZERO_PAGES) {
-      let bits = bitmap[this.#word]!;
-      if (bits === 0) {
-        this.#word++;
-        continue;
+  /**
+   * The next slice of this pass holding about `maxPages` dirty pages (whole bitmap words, within
+   * one block), or undefined when the pass has reached the end of RAM. Its pages are the job's:
+   * nothing else takes them, and whoever runs it clears their bits.
+   */
+  nextJob(maxPages: number): RamJob | undefined {
+    while (this.#blockIndex < this.#blocks.length) {
+      const bitmap = this.#blocks[this.#blockIndex]!.shared.bitmap;
+      const cursor = this.#cursor;
+      while (cursor.word < cursor.end && bitmap[cursor.word] === 0) cursor.word++;
+      if (cursor.word < cursor.end) {
+        const fromWord = cursor.word;
+        let pages = 0;
+        while (cursor.word < cursor.end && pages < maxPages) {
+          pages += popcount32(bitmap[cursor.word]!);
+          cursor.word++;
+        }
+        this.#dirty -= pages;
+        return { block: this.#blockIndex, fromWord, toWord: cursor.word, pages };
       }
-      // Take pages from this word while the packet has room; the rest stays for the next packet.
-      while (bits !== 0 && normal < MAX_NORMAL_PAGES && zero < MAX_ZERO_PAGES) {
-        const bit = 31 - Math.clz32(bits & -bits);
-        bits &= bits - 1;
-        const page = this.#word * 32 + bit;
-        if (isZeroPage(words, page)) this.#zero[zero++] = page;
-        else this.#normal[normal++] = page;
-      }
-      bitmap[this.#word] = bits;
-      if (bits === 0) this.#word++;
+      this.#nextBlock();
     }
-    if (normal + zero === 0) return undefined;
-    this.#dirty -= normal + zero;
-    const header = encodeRamPages(index, this.#normal.subarray(0, normal), this.#zero.subarray(0, zero));
-    const body: Uint8Array[] = [];
-    // Contiguous pages go as one view (never across a 1 GiB segment of the memory).
-    for (let i = 0; i < normal;) {
-      const first = this.#normal[i]!;
-      let run = 1;
-      while (
-        i + run < normal &&
-        this.#normal[i + run] === first + run &&
-        Math.floor((first + run) / PAGES_PER_SEGMENT) === Math.floor(first / PAGES_PER_SEGMENT)
-      ) {
-        run++;
-      }
-      const view = block.memory.view(first * RAM_PAGE_BYTES, run * RAM_PAGE_BYTES);
-      body.push(Buffer.from(view.buffer, view.byteOffset, view.byteLength));
-      i += run;
-    }
-    return {
-      header,
-      body,
-      normalPages: normal,
-      zeroPages: zero,
-      bytes: header.length + normal * RAM_PAGE_BYTES,
-    };
+    return undefined;
+  }
+
+  #nextBlock(): void {
+    this.#blockIndex++;
+    this.#cursor.word = 0;
+    this.#cursor.end = this.#blocks[this.#blockIndex]?.shared.bitmap.length ?? 0;
   }
 
   #recount(): number {
-    this.#dirty = this.#blocks.reduce((n, s) => n + countDirtyPages(s.bitmap), 0);
+    this.#dirty = this.#blocks.reduce((n, s) => n + countDirtyPages(s.shared.bitmap), 0);
     return this.#dirty;
   }
-}
-
-function isZeroPage(segments: Int32Array[], page: number): boolean {
-  const words = segments[Math.floor(page / PAGES_PER_SEGMENT)]!;
-  const start = (page % PAGES_PER_SEGMENT) * PAGE_WORDS;
-  const end = start + PAGE_WORDS;
-  for (let i = start; i < end; i += 4) {
-    if ((words[i]! | words[i + 1]! | words[i + 2]! | words[i + 3]!) !== 0) return false;
-  }
-  return true;
 }
 
 function clearRange(bitmap: Uint32Array, first: number, count: number): void {

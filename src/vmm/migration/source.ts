@@ -6,7 +6,7 @@ import { isErrno } from '../../uapi/error.js';
 import { MigFeature, MigState, migStateName } from '../../uapi/migration.js';
 import type { Machine, MachineDevice } from '../machine/machine.js';
 import { anyDrained, FrameReader, type FrameSender, SendChannel } from './channel.js';
-import { ChannelThreads } from './thread-channels.js';
+import { ChannelThreads, type ThreadSendChannel } from './thread-channels.js';
 import { ConvergenceMeter } from './convergence.js';
 import { DeviceDirtyTracker } from './dirty-tracking.js';
 import {
@@ -30,7 +30,8 @@ import {
 import { type MigrationParameters, resolveMigrationParameters } from './migration-params.js';
 import { parseMigrationUri } from './migration-uri.js';
 import { BufferPool } from './buffer-pool.js';
-import { RamSender } from './ram-sender.js';
+import { type RamJob, RamSender } from './ram-sender.js';
+import type { RamJobResult } from './channel-thread-protocol.js';
 import {
   DEVICE_STATE_CONFIG,
   encodeDeviceFrame,
@@ -72,6 +73,11 @@ interface SourceDevice {
  */
 const PICK_BACKLOG_BYTES = 4 << 20;
 
+/** Dirty pages per ram job (16 MiB): a message per job is nothing, and four jobs share a pass of 64 MiB. */
+const RAM_JOB_PAGES = 4096;
+/** Ram jobs a channel thread has at once: one being written while the next waits. */
+const RAM_JOBS_PER_CHANNEL = 2;
+
 /** Time a precopy step may take before the loop yields and re-evaluates (QEMU's MAX_WAIT). */
 const STEP_MS = 50;
 /** Longest wait, after a rollback's ERROR, for the destination to close before the channels are cut. */
@@ -111,7 +117,7 @@ export class OutgoingMigration {
   #cancelled = false;
   #main: SendChannel | undefined;
   #returnPath: FrameReader | undefined;
-  #channels: FrameSender[] = [];
+  #channels: ThreadSendChannel[] = [];
   #threads: ChannelThreads | undefined;
   #ram: RamSender;
   #tracker: DeviceDirtyTracker | undefined;
@@ -138,6 +144,9 @@ export class OutgoingMigration {
   readonly #aborted: Promise<never>;
   #lastProgressMs = 0;
   #channelPick = 0;
+  /** Ram jobs the channel threads are running, and the bytes they may send (pages × page size). */
+  readonly #ramJobs = new Set<Promise<void>>();
+  #ramJobBytes = 0;
   /** Reused 1 MiB device-state buffers (a fresh 1 MiB buffer per packet is mapped and faulted in anew). */
   readonly #buffers = new BufferPool(MAX_DEVICE_PACKET_BYTES, 16);
 
@@ -285,6 +294,10 @@ export class OutgoingMigration {
   async #connect(): Promise<void> {
     this.#phase = 'connect';
     const { host, port } = this.#uri;
+    // The multifd sockets live in channel threads, which do their writes (QEMU's send threads).
+    // They start now, so that they boot while the main channel connects and hands shakes.
+    const threads = this.params.multifd ? new ChannelThreads(this.params.multifdChannels) : undefined;
+    this.#threads = threads;
     const socket = await openSocket(host, port, this.#peerTimeoutMs);
     if (this.#ending !== undefined) {
       socket.destroy();
@@ -320,10 +333,7 @@ export class OutgoingMigration {
     };
     this.#main.send(encodeJsonFrame(FrameType.HELLO, hello));
     await this.#waitReturn(FrameType.ACCEPT, 'the handshake');
-    if (this.params.multifd) {
-      // The multifd sockets live in channel threads, which do their writes (QEMU's send threads).
-      const threads = new ChannelThreads(this.params.multifdChannels);
-      this.#threads = threads;
+    if (threads !== undefined) {
       const opened = await Promise.allSettled(
         Array.from({ length: this.params.multifdChannels }, (_, i) =>
           threads.open(i + 1, host, port, this.#peerTimeoutMs, () => this.#phase),
@@ -333,6 +343,7 @@ export class OutgoingMigration {
       const refused = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (refused !== undefined) throw refused.reason;
       if (this.#ending !== undefined) throw this.#ending;
+      threads.shareRam(this.#ram.sharedBlocks);
       this.#channels.forEach((channel, i) => {
         channel.send(
           encodeJsonFrame(FrameType.HELLO, {
@@ -376,12 +387,11 @@ export class OutgoingMigration {
 
   async #precopy(): Promise<void> {
     this.#phase = 'precopy';
-    const dataChannels = this.#dataChannels();
     for (;;) {
       const deadline = performance.now() + STEP_MS;
       // Devices get at most half of a step, so RAM is never starved by device data.
       await this.#sendDevicePrecopy(deadline - STEP_MS / 2);
-      const passEnded = await this.#sendRam(dataChannels, deadline, true);
+      const passEnded = await this.#sendRam(deadline, true);
       this.#checkEnding();
       this.#progress();
       if (!passEnded) continue;
@@ -432,7 +442,7 @@ export class OutgoingMigration {
     // the destination's barrier behind device state that waits for another channel.
     this.#syncDirty();
     this.#ram.rewind();
-    await this.#sendRam(dataChannels, Infinity, false);
+    await this.#sendRam(Infinity, false);
     this.#round++;
     for (const c of this.#channels) c.send(encodeU32Frame(FrameType.SYNC, this.#round));
     await Promise.all(this.#devices.map((d) => this.#sendDeviceState(d, dataChannels)));
@@ -460,23 +470,73 @@ export class OutgoingMigration {
     return this.#channels.length > 0 ? this.#channels : [this.#main!];
   }
 
-  /** A channel with room in its socket (least backlog first, round robin among equals). */
-  async #pickChannel(channels: FrameSender[]): Promise<FrameSender> {
+  /** A channel with room (round robin among those that have it); fails if a channel has failed. */
+  async #pickChannel<C extends FrameSender>(channels: C[], hasRoom: (c: C) => boolean): Promise<C> {
     for (;;) {
+      for (const c of channels) if (!c.writable) throw c.failure('send');
       for (let i = 0; i < channels.length; i++) {
         const c = channels[(this.#channelPick + i) % channels.length]!;
-        if (c.backlog < PICK_BACKLOG_BYTES) {
+        if (hasRoom(c)) {
           this.#channelPick = (this.#channelPick + i + 1) % channels.length;
           return c;
         }
       }
-      for (const c of channels) if (!c.writable) throw c.failure('send');
       await anyDrained(channels);
     }
   }
 
   /** Send dirty pages until the pass ends (true) or the deadline passes (false). */
-  async #sendRam(channels: FrameSender[], deadline: number, live: boolean): Promise<boolean> {
+  #sendRam(deadline: number, live: boolean): Promise<boolean> {
+    return this.#channels.length > 0
+      ? this.#sendRamJobs(this.#channels, deadline, live)
+      : this.#sendRamPackets(this.#main!, deadline, live);
+  }
+
+  /**
+   * Multifd: the pass goes out as ram jobs that the channel threads turn into packets. A pass ends
+   * when its last job has been sent; at a deadline the running jobs go on in the background.
+   */
+  async #sendRamJobs(channels: ThreadSendChannel[], deadline: number, live: boolean): Promise<boolean> {
+    for (;;) {
+      let maxPages = RAM_JOB_PAGES;
+      if (live) {
+        const now = performance.now();
+        if (now >= deadline) return false;
+        // Running jobs count against max-bandwidth as if every page were sent in full.
+        const budget = this.#meter.budgetLeft(now) - this.#ramJobBytes;
+        if (budget <= 0) {
+          await sleep(Math.max(1, this.#meter.slotEndMs() - now));
+          continue;
+        }
+        maxPages = Math.min(maxPages, Math.ceil(budget / RAM_PAGE_BYTES));
+      }
+      const channel = await this.#pickChannel(channels, (c) => c.ramJobs < RAM_JOBS_PER_CHANNEL);
+      const job = this.#ram.nextJob(maxPages);
+      if (job === undefined) {
+        await Promise.all(this.#ramJobs);
+        return true;
+      }
+      this.#runRamJob(channel, job, live);
+    }
+  }
+
+  #runRamJob(channel: ThreadSendChannel, job: RamJob, live: boolean): void {
+    const bytes = job.pages * RAM_PAGE_BYTES;
+    this.#ramJobBytes += bytes;
+    const running: Promise<void> = channel
+      .sendRam(job)
+      .then((sent) => this.#countRam(sent, true, live))
+      .finally(() => {
+        this.#ramJobBytes -= bytes;
+        this.#ramJobs.delete(running);
+      });
+    // Awaited at the end of the pass; a failed job has failed its channel, which the next pick sees.
+    running.catch(() => undefined);
+    this.#ramJobs.add(running);
+  }
+
+  /** Without multifd: packets built here, on the main channel. */
+  async #sendRamPackets(channel: FrameSender, deadline: number, live: boolean): Promise<boolean> {
     for (;;) {
       if (live) {
         const now = performance.now();
@@ -486,20 +546,24 @@ export class OutgoingMigration {
           continue;
         }
       }
-      const channel = await this.#pickChannel(channels);
+      await channel.drained(PICK_BACKLOG_BYTES);
       const packet = this.#ram.nextPacket();
       if (packet === undefined) return true;
       channel.send(packet.header, packet.body);
-      const s = this.#ramStats;
-      s.transferredBytes += packet.bytes;
-      s.normalPages += packet.normalPages;
-      s.normalBytes += packet.normalPages * RAM_PAGE_BYTES;
-      s.duplicatePages += packet.zeroPages;
-      if (channel.kind === 'multifd') s.multifdBytes += packet.bytes;
-      if (live) s.precopyBytes += packet.bytes;
-      else s.downtimeBytes += packet.bytes;
-      this.#meter.sent(packet.bytes, packet.normalPages + packet.zeroPages);
+      this.#countRam({ ...packet, frames: 1 }, false, live);
     }
+  }
+
+  #countRam(sent: RamJobResult, multifd: boolean, live: boolean): void {
+    const s = this.#ramStats;
+    s.transferredBytes += sent.bytes;
+    s.normalPages += sent.normalPages;
+    s.normalBytes += sent.normalPages * RAM_PAGE_BYTES;
+    s.duplicatePages += sent.zeroPages;
+    if (multifd) s.multifdBytes += sent.bytes;
+    if (live) s.precopyBytes += sent.bytes;
+    else s.downtimeBytes += sent.bytes;
+    this.#meter.sent(sent.bytes, sent.normalPages + sent.zeroPages);
   }
 
   /** Read what precopy devices have now (≤ 1 MiB per read) and send it on the main channel. */
@@ -557,7 +621,7 @@ export class OutgoingMigration {
   async #sendDeviceState(d: SourceDevice, channels: FrameSender[]): Promise<void> {
     let index = 0;
     for (;;) {
-      const channel = await this.#pickChannel(channels);
+      const channel = await this.#pickChannel(channels, hasSocketRoom);
       const read = await this.#readDevice(d, 'stop-copy');
       if (read === undefined) break; // the end of the device's state
       const { buffer, n } = read;
@@ -567,7 +631,7 @@ export class OutgoingMigration {
       this.#countDeviceState(d, n);
     }
     const config = this.machine.deviceConfigState(d.machine.name);
-    const channel = await this.#pickChannel(channels);
+    const channel = await this.#pickChannel(channels, hasSocketRoom);
     channel.send(encodeDeviceState(d.index, index, DEVICE_STATE_CONFIG, config.length), [config]);
     this.#countDeviceState(d, config.length);
   }
@@ -840,6 +904,8 @@ export class OutgoingMigration {
     }
   }
 }
+
+const hasSocketRoom = (c: FrameSender) => c.backlog < PICK_BACKLOG_BYTES;
 
 function openSocket(host: string, port: number, timeoutMs: number): Promise<Socket> {
   return new Promise((resolve, reject) => {

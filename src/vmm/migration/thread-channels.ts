@@ -2,8 +2,11 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { MigrationError, MigrationErrorCode } from './migration-error.js';
 import type { MigrationPhase } from './migration-info.js';
-import type { FromChannelThread, ToChannelThread } from './channel-thread-protocol.js';
+import type { FromChannelThread, RamJobResult, ToChannelThread } from './channel-thread-protocol.js';
 import { FrameSenderBase } from './channel.js';
+import type { RamJob } from './ram-sender.js';
+import type { SharedRamBlock } from './ram-scan.js';
+import { RAM_PAGE_BYTES } from './wire-format.js';
 
 /**
  * The threads that own the source's multifd sockets (QEMU's multifd send threads): at most one
@@ -49,6 +52,12 @@ export class ChannelThreads {
     return channel;
   }
 
+  /** Give every thread the RAM blocks its channels' ram jobs read (their bitmaps and memory). */
+  shareRam(blocks: SharedRamBlock[]): void {
+    const setup: ToChannelThread = { op: 'ram-setup', blocks };
+    for (const thread of this.#threads) thread.postMessage(setup);
+  }
+
   /** End every thread (their sockets go with them). */
   async close(): Promise<void> {
     await Promise.all(this.#threads.map((t) => t.terminate()));
@@ -78,6 +87,9 @@ export class ChannelThreads {
       case 'sent':
         channel?.onSent(message.seq, message.bytes);
         return;
+      case 'ram-sent':
+        channel?.onRamSent(message.seq, message);
+        return;
       case 'failed':
         channel?.onFailed(message.message);
         return;
@@ -90,11 +102,15 @@ export class ChannelThreads {
 
 /**
  * A multifd channel whose socket lives in a channel thread: the backlog counts frames posted until
- * the thread says the kernel has them.
+ * the thread says the kernel has them, and the pages of its ram jobs until they are sent.
  */
 export class ThreadSendChannel extends FrameSenderBase {
   readonly #post: (message: ToChannelThread) => void;
   readonly #onSent = new Map<number, () => void>();
+  readonly #ramJobs = new Map<
+    number,
+    { pages: number; resolve: (result: RamJobResult) => void; reject: (err: Error) => void }
+  >();
   #seq = 0;
   #inflight = 0;
   #error: string | undefined;
@@ -107,6 +123,11 @@ export class ThreadSendChannel extends FrameSenderBase {
 
   get backlog(): number {
     return this.#inflight;
+  }
+
+  /** Ram jobs the thread has not finished. */
+  get ramJobs(): number {
+    return this.#ramJobs.size;
   }
 
   get writable(): boolean {
@@ -129,6 +150,22 @@ export class ThreadSendChannel extends FrameSenderBase {
     this.#post({ op: 'send', channel: this.index, seq, pieces: shared });
   }
 
+  /**
+   * Have the thread send a ram job's pages (see RamSender.nextJob); resolves with what it sent once
+   * the kernel has it, rejects if the channel fails first.
+   */
+  sendRam(job: RamJob): Promise<RamJobResult> {
+    if (!this.writable) return Promise.reject(this.failure('send'));
+    const seq = ++this.#seq;
+    const { block, fromWord, toWord, pages } = job;
+    this.#inflight += pages * RAM_PAGE_BYTES;
+    const result = new Promise<RamJobResult>((resolve, reject) =>
+      this.#ramJobs.set(seq, { pages, resolve, reject }),
+    );
+    this.#post({ op: 'ram', channel: this.index, seq, block, fromWord, toWord });
+    return result;
+  }
+
   halt(): void {
     this.#halted = true;
   }
@@ -146,8 +183,22 @@ export class ThreadSendChannel extends FrameSenderBase {
     this.wake();
   }
 
+  /** The thread sent ram job `seq`. */
+  onRamSent(seq: number, result: RamJobResult): void {
+    const job = this.#ramJobs.get(seq);
+    if (job === undefined) return;
+    this.#ramJobs.delete(seq);
+    this.#inflight -= job.pages * RAM_PAGE_BYTES;
+    this.count(result.bytes, result.frames);
+    job.resolve(result);
+    this.wake();
+  }
+
   onFailed(reason: string): void {
     this.#error ??= reason;
+    const jobs = [...this.#ramJobs.values()];
+    this.#ramJobs.clear();
+    for (const job of jobs) job.reject(this.failure('send'));
     this.wake();
   }
 }

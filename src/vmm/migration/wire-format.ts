@@ -48,6 +48,8 @@ export const MAX_META_BYTES = 64 * 1024;
 export const RAM_PAGE_BYTES = 4096;
 /** Pages with data in one RAM_PAGES frame (QEMU's MULTIFD_PACKET_SIZE: 512 KiB). */
 export const MAX_NORMAL_PAGES = 128;
+/** Header and meta of a full RAM_PAGES frame (MAX_NORMAL_PAGES page numbers), the bulk of a migration. */
+export const FULL_RAM_HEAD_BYTES = FRAME_HEADER_BYTES + 12 + 4 * MAX_NORMAL_PAGES;
 /** Zero pages listed in one RAM_PAGES frame. */
 export const MAX_ZERO_PAGES = 8192;
 /** Device bytes in one DEVICE_PRECOPY or DEVICE_STATE frame (QEMU's 1 MiB VFIO buffer). */
