@@ -13,7 +13,7 @@ export const DIRTY_RATE_PERIOD_MS = 1000;
  *   bandwidth;
  * - max-bandwidth: a budget of max-bandwidth / 10 bytes per slot;
  * - at syncs ≥ 1 s apart: the dirty-pages rate, and auto-converge's check: bytes dirtied in the
- *   period above throttle-trigger-threshold % of bytes sent, twice in a row → throttle (initial,
+ *   period above throttle-trigger-threshold % of bytes sent, a second time → throttle (initial,
  *   then + increment, capped at max-cpu-throttle).
  */
 export class ConvergenceMeter {
@@ -83,6 +83,8 @@ export class ConvergenceMeter {
     this.#periodDirtyPages = 0;
     this.#periodSentBytes = 0;
     if (!this.#params.autoConverge) return undefined;
+    // QEMU's dirty_rate_high_cnt: the second period over the threshold throttles, whether the
+    // two were in a row or not; only a throttle resets the count.
     if (dirtied > (sent * this.#params.throttleTriggerThresholdPercent) / 100) {
       if (++this.#overThreshold >= 2) {
         this.#overThreshold = 0;
@@ -96,8 +98,6 @@ export class ConvergenceMeter {
           return capped;
         }
       }
-    } else {
-      this.#overThreshold = 0;
     }
     return undefined;
   }

@@ -9,9 +9,11 @@ import type { SharedRamBlock } from './ram-scan.js';
 import { RAM_PAGE_BYTES } from './wire-format.js';
 
 /**
- * The threads that own the source's multifd sockets (QEMU's multifd send threads): at most one
- * per core, channels spread over them. `open` connects a channel in its thread and returns its
- * sender; `close` ends the threads.
+ * The threads that own the source's multifd sockets (QEMU's multifd send threads): one per
+ * channel, but no more than the cores less one, which the main thread keeps for the bitmap, the
+ * devices' reads and the return path (their work is CPU-bound copies: more threads than cores
+ * only take turns). Channels are spread over them. `open` connects a channel in its thread and
+ * returns its sender; `close` ends the threads.
  */
 export class ChannelThreads {
   readonly #threads: Worker[] = [];
@@ -19,7 +21,7 @@ export class ChannelThreads {
   readonly #opening = new Map<number, { resolve: () => void; reject: (err: MigrationError) => void }>();
 
   constructor(channels: number) {
-    const count = Math.max(1, Math.min(channels, availableParallelism()));
+    const count = Math.max(1, Math.min(channels, availableParallelism() - 1));
     for (let i = 0; i < count; i++) {
       const thread = new Worker(new URL('./channel-thread.js', import.meta.url), {
         name: `multifd-send${i}`,
