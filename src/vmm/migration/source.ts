@@ -73,7 +73,7 @@ interface SourceDevice {
  */
 const PICK_BACKLOG_BYTES = 4 << 20;
 
-/** Dirty pages per ram job (16 MiB): a message per job is nothing, and four jobs share a pass of 64 MiB. */
+/** Dirty pages per ram job (16 MiB): a message per 16 MiB costs nothing, and jobs stay small enough to spread over the channels. */
 const RAM_JOB_PAGES = 4096;
 /** Ram jobs a channel thread has at once: one being written while the next waits. */
 const RAM_JOBS_PER_CHANNEL = 2;
