@@ -42,8 +42,12 @@ process.once('message', ({ bytes, port, connections, mode }: SinkRequest) => {
       continue;
     }
     const onread = {
-      // The next part of this connection's share (a sender never sends past it).
-      buffer: () => memory.subarray(Math.min(at, end - 1), Math.min(Math.max(at, end - 1) + READ_BYTES, end)),
+      // The rest of this connection's share, at most READ_BYTES of it. Node asks for a buffer after
+      // every read, the last one too, and must never get an empty one.
+      buffer: () => {
+        const from = Math.min(at, end - 1);
+        return memory.subarray(from, Math.min(from + READ_BYTES, end));
+      },
       callback: (n: number) => {
         at += n;
         count(n);

@@ -498,18 +498,9 @@ export class OutgoingMigration {
    */
   async #sendRamJobs(channels: ThreadSendChannel[], deadline: number, live: boolean): Promise<boolean> {
     for (;;) {
-      let maxPages = RAM_JOB_PAGES;
-      if (live) {
-        const now = performance.now();
-        if (now >= deadline) return false;
-        // Running jobs count against max-bandwidth as if every page were sent in full.
-        const budget = this.#meter.budgetLeft(now) - this.#ramJobBytes;
-        if (budget <= 0) {
-          await sleep(Math.max(1, this.#meter.slotEndMs() - now));
-          continue;
-        }
-        maxPages = Math.min(maxPages, Math.ceil(budget / RAM_PAGE_BYTES));
-      }
+      const budget = live ? await this.#bandwidthLeft(deadline) : Infinity;
+      if (budget === false) return false;
+      const maxPages = Math.min(RAM_JOB_PAGES, Math.ceil(budget / RAM_PAGE_BYTES));
       const channel = await this.#pickChannel(channels, (c) => c.ramJobs < RAM_JOBS_PER_CHANNEL);
       const job = this.#ram.nextJob(maxPages);
       if (job === undefined) {
@@ -538,19 +529,27 @@ export class OutgoingMigration {
   /** Without multifd: packets built here, on the main channel. */
   async #sendRamPackets(channel: FrameSender, deadline: number, live: boolean): Promise<boolean> {
     for (;;) {
-      if (live) {
-        const now = performance.now();
-        if (now >= deadline) return false;
-        if (this.#meter.budgetLeft(now) <= 0) {
-          await sleep(Math.max(1, this.#meter.slotEndMs() - now));
-          continue;
-        }
-      }
+      if (live && (await this.#bandwidthLeft(deadline)) === false) return false;
       await channel.drained(PICK_BACKLOG_BYTES);
       const packet = this.#ram.nextPacket();
       if (packet === undefined) return true;
       channel.send(packet.header, packet.body);
       this.#countRam({ ...packet, frames: 1 }, false, live);
+    }
+  }
+
+  /**
+   * Wait until max-bandwidth allows more bytes in this slot; resolves with how many (Infinity
+   * without a limit), or false once `deadline` has passed. Running ram jobs count against it as
+   * if every page had data.
+   */
+  async #bandwidthLeft(deadline: number): Promise<number | false> {
+    for (;;) {
+      const now = performance.now();
+      if (now >= deadline) return false;
+      const left = this.#meter.budgetLeft(now) - this.#ramJobBytes;
+      if (left > 0) return left;
+      await sleep(Math.max(1, this.#meter.slotEndMs() - now));
     }
   }
 

@@ -10,9 +10,14 @@ import { Host } from '../../../src/kernel/host/index.js';
 import { migStateName } from '../../../src/uapi/migration.js';
 import { Machine } from '../../../src/vmm/machine/machine.js';
 import type { MachineDefinition } from '../../../src/vmm/machine/machine-definition.js';
-import type { IncomingMigration } from '../../../src/vmm/migration/destination.js';
-import type { MigrationEvent, MigrationStatus } from '../../../src/vmm/migration/migration-info.js';
-import type { OutgoingMigration } from '../../../src/vmm/migration/source.js';
+import { type IncomingOptions, IncomingMigration } from '../../../src/vmm/migration/destination.js';
+import type {
+  MigrationEvent,
+  MigrationInfo,
+  MigrationStatus,
+} from '../../../src/vmm/migration/migration-info.js';
+import type { MigrationParameters } from '../../../src/vmm/migration/migration-params.js';
+import { OutgoingMigration } from '../../../src/vmm/migration/source.js';
 
 export const MiB = 1024 * 1024;
 export const DEVICES = ['nic0', 'accel0', 'basic0'] as const;
@@ -116,6 +121,43 @@ export function record(
     onEvent?.(event);
   });
   return rec;
+}
+
+/** A migration between two VMs of this process, both sides recorded. */
+export interface MigrationRun {
+  incoming: IncomingMigration;
+  out: OutgoingMigration;
+  srcRec: Recorder;
+  dstRec: Recorder;
+  /** The final reports: [source, destination]. */
+  done: Promise<[MigrationInfo, MigrationInfo]>;
+}
+
+/**
+ * Listen on `dst` (autostart off unless `incoming` says otherwise), migrate `src` to it
+ * (max-bandwidth unlimited unless `params` says otherwise) and record both sides from the start.
+ */
+export async function startMigration(
+  src: Machine,
+  dst: Machine,
+  options: {
+    params?: Partial<MigrationParameters>;
+    incoming?: IncomingOptions;
+    signal?: AbortSignal;
+    /** Hears every source event, after the recorder. */
+    onSourceEvent?: (event: MigrationEvent, out: OutgoingMigration) => void;
+  } = {},
+): Promise<MigrationRun> {
+  const incoming = await IncomingMigration.listen(dst, { autostart: false, ...options.incoming });
+  const dstRec = record(incoming, dst);
+  const out = OutgoingMigration.start(src, {
+    uri: `tcp:127.0.0.1:${incoming.address.port}`,
+    params: { maxBandwidthBytesPerSec: 0, ...options.params },
+    ...(options.signal === undefined ? {} : { signal: options.signal }),
+  });
+  const onSourceEvent = options.onSourceEvent;
+  const srcRec = record(out, src, onSourceEvent && ((event) => onSourceEvent(event, out)));
+  return { incoming, out, srcRec, dstRec, done: Promise.all([out.done, incoming.done]) };
 }
 
 /** Every device's current VFIO migration state, by name. */

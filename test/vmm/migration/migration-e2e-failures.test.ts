@@ -30,6 +30,7 @@ import {
   TcpProxy,
   type VmOptions,
   waitUntil,
+  startMigration,
 } from './e2e-helpers.js';
 
 after(destroyAll);
@@ -57,12 +58,7 @@ async function inPrecopy(out: OutgoingMigration): Promise<void> {
 
 /** After a failure: a second migration of the same VMs completes (the destination was reset). */
 async function migrateAgain(src: Machine, dst: Machine): Promise<void> {
-  const incoming = await IncomingMigration.listen(dst, { autostart: false });
-  const out = OutgoingMigration.start(src, {
-    uri: `tcp:127.0.0.1:${incoming.address.port}`,
-    params: { maxBandwidthBytesPerSec: 0 },
-  });
-  const [a, b] = await Promise.all([out.done, incoming.done]);
+  const [a, b] = await (await startMigration(src, dst)).done;
   assert.equal(a.status, 'completed', a.error?.message);
   assert.equal(b.status, 'completed', b.error?.message);
   assert.equal(src.state, 'migrated');
@@ -74,19 +70,15 @@ describe('cancel (migrate_cancel)', { timeout: 120_000 }, () => {
   for (const how of ['cancel()', 'AbortSignal'] as const) {
     test(`by ${how}: status cancelled, both sides roll back`, async (t) => {
       const { src, dst } = await pair(t, NEVER_CONVERGES.vm);
-      const incoming = await IncomingMigration.listen(dst, { autostart: false });
-      const dstRec = record(incoming, dst);
       const abort = new AbortController();
-      const out = OutgoingMigration.start(src, {
-        uri: `tcp:127.0.0.1:${incoming.address.port}`,
+      const { out, srcRec, dstRec, done } = await startMigration(src, dst, {
         params: NEVER_CONVERGES.params,
         signal: abort.signal,
       });
-      const srcRec = record(out, src);
       await inPrecopy(out);
       if (how === 'cancel()') out.cancel();
       else abort.abort();
-      const [a, b] = await Promise.all([out.done, incoming.done]);
+      const [a, b] = await done;
 
       assert.equal(a.status, 'cancelled');
       assert.equal(a.error?.code, MigrationErrorCode.CANCELLED);
@@ -141,16 +133,12 @@ describe('cancel (migrate_cancel)', { timeout: 120_000 }, () => {
   for (const c of switchoverCases) {
     test(`${c.name}: the VM runs again, devices RUNNING`, async (t) => {
       const { src, dst } = await pair(t);
-      const incoming = await IncomingMigration.listen(dst, { autostart: false });
-      const dstRec = record(incoming, dst);
-      const out = OutgoingMigration.start(src, {
-        uri: `tcp:127.0.0.1:${incoming.address.port}`,
-        params: { maxBandwidthBytesPerSec: 0 },
+      const { srcRec, dstRec, done } = await startMigration(src, dst, {
+        onSourceEvent: (event, out) => {
+          if (c.at(event)) out.cancel();
+        },
       });
-      const srcRec = record(out, src, (event) => {
-        if (c.at(event)) out.cancel();
-      });
-      const [a, b] = await Promise.all([out.done, incoming.done]);
+      const [a, b] = await done;
 
       assert.equal(a.status, 'cancelled');
       assert.equal(a.error?.code, MigrationErrorCode.CANCELLED);
@@ -216,17 +204,14 @@ describe('the destination is gone', { timeout: 120_000 }, () => {
     test(`the destination cancels during precopy by ${how}: the source fails with ERR_MIGRATION_PEER`, async (t) => {
       const { src, dst } = await pair(t, NEVER_CONVERGES.vm);
       const abort = new AbortController();
-      const incoming = await IncomingMigration.listen(dst, { autostart: false, signal: abort.signal });
-      const dstRec = record(incoming, dst);
-      const out = OutgoingMigration.start(src, {
-        uri: `tcp:127.0.0.1:${incoming.address.port}`,
+      const { incoming, out, srcRec, dstRec, done } = await startMigration(src, dst, {
         params: NEVER_CONVERGES.params,
+        incoming: { signal: abort.signal },
       });
-      const srcRec = record(out, src);
       await inPrecopy(out);
       if (how === 'cancel()') incoming.cancel();
       else abort.abort();
-      const [a, b] = await Promise.all([out.done, incoming.done]);
+      const [a, b] = await done;
 
       assert.equal(b.status, 'cancelled');
       assert.equal(b.error?.code, MigrationErrorCode.CANCELLED);
@@ -354,14 +339,8 @@ describe('a device fails its STOP_COPY transition on the source', { timeout: 120
     test(c.name, async (t) => {
       const { src, dst } = await pair(t);
       const counter = failStopCopy(src, c.error);
-      const incoming = await IncomingMigration.listen(dst, { autostart: false });
-      const dstRec = record(incoming, dst);
-      const out = OutgoingMigration.start(src, {
-        uri: `tcp:127.0.0.1:${incoming.address.port}`,
-        params: { maxBandwidthBytesPerSec: 0 },
-      });
-      const srcRec = record(out, src);
-      const [a, b] = await Promise.all([out.done, incoming.done]);
+      const { srcRec, dstRec, done } = await startMigration(src, dst);
+      const [a, b] = await done;
 
       assert.equal(a.status, 'failed');
       assert.equal(a.error?.code, MigrationErrorCode.DEVICE);
@@ -408,14 +387,8 @@ describe('a device refuses its state on the destination', { timeout: 120_000 }, 
       };
       return session;
     };
-    const incoming = await IncomingMigration.listen(dst, { autostart: false });
-    const dstRec = record(incoming, dst);
-    const out = OutgoingMigration.start(src, {
-      uri: `tcp:127.0.0.1:${incoming.address.port}`,
-      params: { maxBandwidthBytesPerSec: 0 },
-    });
-    const srcRec = record(out, src);
-    const [a, b] = await Promise.all([out.done, incoming.done]);
+    const { srcRec, dstRec, done } = await startMigration(src, dst);
+    const [a, b] = await done;
 
     assert.equal(b.status, 'failed');
     assert.equal(b.error?.code, MigrationErrorCode.DEVICE);
@@ -460,13 +433,8 @@ describe('a device refuses its state on the destination', { timeout: 120_000 }, 
         delete session.writeFrom;
         return session;
       };
-      const incoming = await IncomingMigration.listen(dst, { autostart: false });
-      const out = OutgoingMigration.start(src, {
-        uri: `tcp:127.0.0.1:${incoming.address.port}`,
-        params: { maxBandwidthBytesPerSec: 0, multifd },
-      });
-      const srcRec = record(out, src);
-      const [a, b] = await Promise.all([out.done, incoming.done]);
+      const { srcRec, done } = await startMigration(src, dst, { params: { multifd } });
+      const [a, b] = await done;
 
       assert.equal(b.status, 'failed');
       assert.equal(b.error?.code, MigrationErrorCode.DEVICE);
@@ -496,11 +464,8 @@ describe('an incompatible destination', { timeout: 120_000 }, () => {
   for (const [name, dstVm] of cases) {
     test(`${name}: ERR_MIGRATION_INCOMPATIBLE in handshake on both sides, nothing moved`, async (t) => {
       const { src, dst } = await pair(t, {}, dstVm);
-      const incoming = await IncomingMigration.listen(dst, { autostart: false });
-      const dstRec = record(incoming, dst);
-      const out = OutgoingMigration.start(src, { uri: `tcp:127.0.0.1:${incoming.address.port}` });
-      const srcRec = record(out, src);
-      const [a, b] = await Promise.all([out.done, incoming.done]);
+      const { srcRec, dstRec, done } = await startMigration(src, dst);
+      const [a, b] = await done;
 
       assert.equal(b.status, 'failed');
       assert.equal(b.error?.code, MigrationErrorCode.INCOMPATIBLE);

@@ -26,6 +26,7 @@ import {
   spyDeviceSets,
   TcpProxy,
   type VmOptions,
+  startMigration,
 } from './e2e-helpers.js';
 
 after(destroyAll);
@@ -58,20 +59,17 @@ async function migrate(
   const src = createVm(t, options.vm);
   const dst = createVm(t, options.vm);
   await src.start();
-  const incoming = await IncomingMigration.listen(dst, { autostart: options.autostart ?? false });
-  const dstRec = record(incoming, dst);
   let dstDigestAtHandOff: string | undefined;
   const finishIncoming = dst.finishIncoming.bind(dst);
   dst.finishIncoming = (o) => {
     dstDigestAtHandOff = dst.digest();
     return finishIncoming(o);
   };
-  const out = OutgoingMigration.start(src, {
-    uri: `tcp:127.0.0.1:${incoming.address.port}`,
-    params: { maxBandwidthBytesPerSec: 0, ...options.params },
+  const { out, incoming, srcRec, dstRec, done } = await startMigration(src, dst, {
+    incoming: { autostart: options.autostart ?? false },
+    ...(options.params === undefined ? {} : { params: options.params }),
   });
-  const srcRec = record(out, src);
-  const [a, b] = await Promise.all([out.done, incoming.done]);
+  const [a, b] = await done;
   return { src, dst, out, incoming, srcRec, dstRec, a, b, dstDigestAtHandOff };
 }
 
@@ -189,8 +187,6 @@ describe('a successful migration', { timeout: 120_000 }, () => {
     const src = createVm(t);
     const dst = createVm(t);
     await src.start();
-    const incoming = await IncomingMigration.listen(dst, { autostart: true });
-    const dstRec = record(incoming, dst);
     let sets: [string, string, string][] = [];
     let digestAtHandOff: string | undefined;
     const finishIncoming = dst.finishIncoming.bind(dst);
@@ -199,12 +195,8 @@ describe('a successful migration', { timeout: 120_000 }, () => {
       sets = spyDeviceSets(dst);
       return finishIncoming(o);
     };
-    const out = OutgoingMigration.start(src, {
-      uri: `tcp:127.0.0.1:${incoming.address.port}`,
-      params: { maxBandwidthBytesPerSec: 0 },
-    });
-    const srcRec = record(out, src);
-    const [a, b] = await Promise.all([out.done, incoming.done]);
+    const { srcRec, dstRec, done } = await startMigration(src, dst, { incoming: { autostart: true } });
+    const [a, b] = await done;
     assert.equal(a.status, 'completed', a.error?.message);
     assert.equal(b.status, 'completed', b.error?.message);
     assert.deepEqual(srcRec.statuses, SOURCE_STATUSES);
@@ -253,19 +245,13 @@ describe('after the hand-off the source never resumes', { timeout: 120_000 }, ()
     const src = createVm(t);
     const dst = createVm(t);
     await src.start();
-    const incoming = await IncomingMigration.listen(dst, { autostart: true });
-    const dstRec = record(incoming, dst);
     let digestAtHandOff: string | undefined;
     dst.finishIncoming = async () => {
       digestAtHandOff = dst.digest();
       throw new Error('injected: the destination VM cannot run');
     };
-    const out = OutgoingMigration.start(src, {
-      uri: `tcp:127.0.0.1:${incoming.address.port}`,
-      params: { maxBandwidthBytesPerSec: 0 },
-    });
-    const srcRec = record(out, src);
-    const [a, b] = await Promise.all([out.done, incoming.done]);
+    const { srcRec, dstRec, done } = await startMigration(src, dst, { incoming: { autostart: true } });
+    const [a, b] = await done;
 
     // The source had committed (LOADED came back, HANDOFF went out): it fails, it does not roll
     // back. It learns at once: the destination closes the connection (not a 30 s peer timeout).
